@@ -1,0 +1,177 @@
+"""Plain ViT (timm parameter names) with a per-block attention hook for prompts; loads torchvision/timm weights."""
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # rows [q; k; v], heads contiguous in each
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, i, prompt=None):
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B,H,N,d) each
+        o = prompt(i, q, k, v) if (prompt is not None and i < prompt.layers) else F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, W))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, mlp_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, as both timm and torchvision use
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, mlp_dim)
+
+    def forward(self, x, i, prompt=None):
+        x = x + self.attn(self.norm1(x), i, prompt)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072):
+        super().__init__()
+        assert image_size % patch_size == 0 and width % heads == 0
+        self.image_size, self.patch_size, self.width, self.depth, self.heads = image_size, patch_size, width, depth, heads
+        self.head_dim = width // heads
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # input normalisation the weights expect
+        n = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Module()  # a bare container so the conv is named patch_embed.proj like timm
+        self.patch_embed.proj = nn.Conv2d(3, width, patch_size, patch_size)
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, width), std=0.02))
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1 + n, width), std=0.02))
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, x, prompt=None):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B,n,W)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B,1+n,W)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, i, prompt)
+        return self.norm(x[:, 0])  # (B,W)
+
+
+def vit_b_16(weights=None, image_size=224):
+    return load_weights(ViT(image_size=image_size), weights)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint loading
+
+_TV_TO_OURS = [  # applied in order to every torchvision key
+    (r'^conv_proj\.', 'patch_embed.proj.'), (r'^class_token$', 'cls_token'),
+    (r'^encoder\.pos_embedding$', 'pos_embed'), (r'^encoder\.ln\.', 'norm.'),
+    (r'^encoder\.layers\.encoder_layer_(\d+)\.', r'blocks.\1.'), (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
+    (r'\.self_attention\.in_proj_', '.attn.qkv.'), (r'\.self_attention\.out_proj\.', '.attn.proj.'),
+    (r'\.mlp\.(0|linear_1)\.', '.mlp.fc1.'), (r'\.mlp\.(3|linear_2)\.', '.mlp.fc2.'),  # linear_N: older tv files
+]
+
+
+def _tv_weights(name):
+    """torchvision enum name -> (enum member, mean, std), without downloading anything."""
+    from torchvision.models import ViT_B_16_Weights as W
+    if name not in W.__members__:
+        raise ValueError(f"unknown weights {name!r}: use None, a checkpoint path, or one of {', '.join(W.__members__)}")
+    t = W[name].transforms()
+    return W[name], tuple(t.mean), tuple(t.std)
+
+
+def _read(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin/.safetensors file or an enum name)")
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"{path}: reading .safetensors needs the safetensors package: pip install safetensors") from None
+        load = load_file
+    else:
+        load = lambda p: torch.load(p, map_location='cpu', weights_only=True)
+    try:
+        sd = load(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected a state dict from torch.save") from e
+    for k in ('state_dict', 'model'):  # training checkpoints often wrap the weights
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def _to_ours(sd, src):
+    """torchvision or timm key layout -> ours (= timm), classifier heads dropped."""
+    sd = {k.removeprefix('module.'): v for k, v in sd.items() if torch.is_tensor(v)}  # module.: DDP-saved files
+    if 'conv_proj.weight' in sd or any(k.startswith('encoder.layers.') for k in sd):
+        layout = 'torchvision'
+        for pat, rep in _TV_TO_OURS:
+            sd = {re.sub(pat, rep, k): v for k, v in sd.items()}
+    elif 'patch_embed.proj.weight' in sd or any(k.startswith('blocks.') for k in sd):
+        layout = 'timm'
+    else:
+        raise ValueError(f"{src}: key layout not recognised as torchvision or timm ViT (first keys: {', '.join(list(sd)[:4])})")
+    return {k: v for k, v in sd.items() if not k.startswith(('heads.', 'head.', 'pre_logits.'))}, layout  # no classifiers
+
+
+def _resize_pos(pe, n):
+    # (1,1+m,W) -> (1,1+n,W): bicubic on the patch grid, as timm does; the class-token row is kept as is
+    s, g = math.isqrt(pe.shape[1] - 1), math.isqrt(n)
+    if s * s != pe.shape[1] - 1 or g * g != n:
+        return pe  # not a square grid: leave it for the shape check to report
+    grid = pe[:, 1:].reshape(1, s, s, -1).permute(0, 3, 1, 2).float()  # (1,W,s,s)
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False, antialias=True)
+    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n, -1).to(pe.dtype)], 1)
+
+
+def _guess(sd):
+    w = sd.get('patch_embed.proj.weight')
+    if w is None:
+        return 'no patch_embed.proj.weight to guess the architecture from'
+    name = {192: 'ViT-Ti', 384: 'ViT-S', 768: 'ViT-B', 1024: 'ViT-L', 1280: 'ViT-H'}.get(w.shape[0], 'ViT')
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    return f"looks like {name}/{w.shape[-1]} (width {w.shape[0]}, {depth} blocks)"
+
+
+def load_weights(model, weights):
+    """weights: None (keep random init) | torchvision enum name | checkpoint path. Strict; model untouched on error."""
+    if weights is None:
+        return model
+    weights = os.fspath(weights)
+    if not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights:
+        enum, mean, std = _tv_weights(weights)
+        sd = enum.get_state_dict(progress=True)
+    else:
+        sd, mean, std = _read(weights), None, None
+    sd, layout = _to_ours(sd, weights)
+    if mean is None:  # torchvision trains with ImageNet statistics, timm's augreg ViTs with 0.5/0.5
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if layout == 'torchvision' else ((0.5,) * 3,) * 2
+    ours = model.state_dict()
+    pe, want = sd.get('pos_embed'), ours['pos_embed'].shape
+    if pe is not None and pe.dim() == 3 and pe.shape != want and pe.shape[2] == want[2]:
+        sd['pos_embed'] = _resize_pos(pe, want[1] - 1)  # e.g. SWAG E2E: 24x24 grid -> 14x14
+    # check everything before copying anything, so a failed load never leaves a half-loaded model
+    bad = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in sd.items() if k in ours and v.shape != ours[k].shape]
+    bad += [f"missing {k}" for k in ours if k not in sd] + [f"unexpected {k}" for k in sd if k not in ours]
+    if bad:
+        more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise ValueError(f"{weights}: {layout} checkpoint does not fit ViT(width={model.width}, depth={model.depth}, "
+                         f"patch={model.patch_size}): {'; '.join(bad[:4])}{more}; {_guess(sd)}; build a ViT to match")
+    model.load_state_dict(sd, strict=True)
+    model.mean, model.std = tuple(mean), tuple(std)
+    return model
