@@ -1,0 +1,275 @@
+"""Datasets, class orders and augmented batches for class-incremental learning (SPEC section 7).
+Every random draw comes from the caller's generator and each global batch is drawn identically on
+every rank, so runs are reproducible, resumable and independent of the number of ranks and workers."""
+import hashlib
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision.datasets.utils import download_and_extract_archive, download_url
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+IMR_URL = 'https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar'
+IMR_MD5 = 'a61312130a589d0ca1a8fca1f2bd3337'
+SPLIT_URL = 'https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/main/dataloaders/splits/imagenet-r_{}.yaml'
+SPLIT_SHA256 = {'train': '6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a37844421a0b845',
+                'test': '57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a'}
+NAMES = ('cifar100', 'imagenet-r', 'synthetic')
+# torchvision 0.29 deprecates its decoders (in favour of torchcodec) and warns on every image
+warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities', DeprecationWarning)
+
+
+@dataclass(eq=False)
+class Images:
+    """A labelled image set held either as a uint8 tensor or as files."""
+    labels: torch.Tensor                # (N,) int64 original class ids
+    num_classes: int
+    images: torch.Tensor | None = None  # (N,3,h,w) uint8
+    files: list[str] | None = None      # absolute paths
+    _cache: dict = field(default_factory=dict, repr=False)  # device -> images there
+
+    def __len__(self):
+        return len(self.labels)
+
+    def on(self, device):  # the whole uint8 set on `device`, moved once
+        if str(device) not in self._cache:
+            self._cache[str(device)] = self.images.to(device)
+        return self._cache[str(device)]
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def load(name, data_dir='data', download=False, split='fixed', seed=0):
+    if name not in NAMES:
+        raise ValueError(f'unknown dataset {name!r}: choose one of {", ".join(NAMES)}')
+    if name == 'cifar100':
+        return cifar100(data_dir, download)
+    return imagenet_r(data_dir, download, split, seed) if name == 'imagenet-r' else synthetic(seed=seed)
+
+
+def cifar100(data_dir, download):
+    try:
+        sets = [datasets.CIFAR100(root=data_dir, train=train, download=download) for train in (True, False)]
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        if download:
+            raise
+        raise ValueError(f'CIFAR-100 not found or corrupted under {data_dir}: '
+                         'pass --download (or put cifar-100-python/ there)') from None
+    # .data is (N,32,32,3) uint8 -> (N,3,32,32)
+    return tuple(Images(torch.tensor(d.targets), 100, images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous())
+                 for d in sets)
+
+
+def imagenet_r(data_dir, download, split, seed):
+    if split not in ('fixed', 'random'):
+        raise ValueError(f"unknown split {split!r}: choose 'fixed' or 'random'")
+    data_dir = Path(data_dir).resolve()
+    root = data_dir / 'imagenet-r'
+    if not root.is_dir():
+        if not download:
+            raise ValueError(f'ImageNet-R not found under {data_dir}: pass --download (fetches {IMR_URL})')
+        download_and_extract_archive(IMR_URL, str(data_dir), md5=IMR_MD5)
+    if split == 'random':
+        return random_split(root, seed)
+    parts = []
+    for part in ('train', 'test'):
+        path, url = data_dir / f'imagenet-r_{part}.yaml', SPLIT_URL.format(part)
+        if not path.exists():
+            if not download:
+                raise ValueError(f'{path} not found: pass --download (fetches {url})')
+            fetch(url, path, SPLIT_SHA256[part])
+        files, labels = read_split(path)
+        # listed as data/imagenet-r/<wnid>/<file>.jpg, relative to the released code's root
+        files = [str(data_dir / f.removeprefix('data/')) for f in files]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f'{len(missing)} files listed in {path} are missing, e.g. {missing[0]}')
+        parts.append((files, torch.tensor(labels)))
+    C = 1 + max(int(y.max()) for _, y in parts)
+    return tuple(Images(y, C, files=f) for f, y in parts)
+
+
+def read_split(path):
+    """The published lists are YAML holding two flat lists, 'data:' then 'targets:': no YAML parser needed."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    k = lines.index('targets:') if 'targets:' in lines else 0
+    if lines[:1] != ['data:'] or len(lines) != 2 * k or not all(s.startswith('- ') for s in lines[1:k] + lines[k + 1:]):
+        raise ValueError(f"{path}: expected a 'data:' list and a 'targets:' list of the same length")
+    return [s[2:].strip() for s in lines[1:k]], [int(s[2:]) for s in lines[k + 1:]]
+
+
+def verify(path, expected):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if (got := h.hexdigest()) != expected:
+        raise ValueError(f'{path}: sha256 {got} does not match the expected {expected}')
+
+
+def fetch(url, path, expected):
+    # torchvision checks md5 only; download beside the target and rename once the sha256 is right
+    tmp = Path(str(path) + '.part')
+    tmp.unlink(missing_ok=True)  # our own leftover from a failed fetch: download_url would keep it
+    download_url(url, str(tmp.parent), filename=tmp.name)
+    verify(tmp, expected)
+    os.replace(tmp, path)
+
+
+def random_split(root, seed, test_frac=0.2):
+    """A seeded per-class 80/20 split of every image on disk; label = index of the sorted wnid."""
+    g = torch.Generator().manual_seed(seed)
+    wnids = sorted(d.name for d in root.iterdir() if d.is_dir())
+    train, test = ([], []), ([], [])  # (files, labels)
+    for c, wnid in enumerate(wnids):
+        files = sorted(str(p) for p in (root / wnid).iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
+        if len(files) < 2:
+            raise ValueError(f'{root / wnid} has {len(files)} images: a random split needs at least 2 per class')
+        n_test = min(max(1, round(test_frac * len(files))), len(files) - 1)
+        perm = torch.randperm(len(files), generator=g).tolist()
+        for part, ks in ((test, perm[:n_test]), (train, perm[n_test:])):
+            part[0].extend(files[k] for k in ks)
+            part[1].extend([c] * len(ks))
+    return tuple(Images(torch.tensor(y), len(wnids), files=f) for f, y in (train, test))
+
+
+def synthetic(num_classes=50, train_per_class=40, test_per_class=10, size=32, seed=0):
+    """Class prototypes = a base colour plus a smooth random pattern; samples are shifted, rescaled and noisy copies."""
+    g = torch.Generator().manual_seed(seed)
+    m = size // 8  # max shift in pixels
+    pattern = torch.rand(num_classes, 3, 4, 4, generator=g)
+    pattern = torch.nn.functional.interpolate(pattern, size=size + 2 * m, mode='bilinear', align_corners=False)
+    protos = 0.5 * torch.rand(num_classes, 3, 1, 1, generator=g) + 0.5 * pattern  # (C,3,s+2m,s+2m)
+
+    def draw(per_class):
+        y = torch.arange(num_classes).repeat_interleave(per_class)
+        dy, dx = torch.randint(0, 2 * m + 1, (2, len(y), 1), generator=g)
+        rows, cols = dy + torch.arange(size), dx + torch.arange(size)                  # (n,s)
+        x = protos[y[:, None, None], :, rows[:, :, None], cols[:, None, :]]            # (n,s,s,3)
+        x = x.permute(0, 3, 1, 2) * (0.8 + 0.4 * torch.rand(len(y), 1, 1, 1, generator=g))
+        x = x + 0.1 * torch.randn(x.shape, generator=g)
+        return Images(y, num_classes, images=(x.clamp(0, 1) * 255).round().to(torch.uint8))
+    return draw(train_per_class), draw(test_per_class)
+
+# -----------------------------------------------------------------------------
+# class-incremental tasks
+
+def class_order(num_classes, seed):
+    order = list(range(num_classes))
+    random.seed(seed)  # Python's global RNG, exactly as the released code does
+    random.shuffle(order)
+    return order
+
+
+def split_tasks(order, tasks):
+    if tasks < 1 or len(order) % tasks:
+        raise ValueError(f'{tasks} tasks do not divide {len(order)} classes evenly')
+    n = len(order) // tasks
+    return [order[t * n:(t + 1) * n] for t in range(tasks)]
+
+
+def remap(labels, order):
+    pos = torch.empty(len(order), dtype=torch.long)
+    pos[torch.tensor(order)] = torch.arange(len(order))
+    return pos[labels.cpu()].to(labels.device)
+
+# -----------------------------------------------------------------------------
+# batches
+
+def crop_boxes(n, H, W, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for n images at once: (n,4) int64 top, left, h, w."""
+    log_ratio = torch.log(torch.tensor(ratio))
+    area = H * W * torch.empty(n, 10).uniform_(*scale, generator=g)  # 10 tries per image, at once
+    aspect = torch.exp(torch.empty(n, 10).uniform_(log_ratio[0], log_ratio[1], generator=g))
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.int().argmax(1, keepdim=True)  # the first of the 10 tries that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    r = min(max(W / H, ratio[0]), ratio[1])  # fallback: a central crop, its ratio clamped into range
+    fw, fh, hit = min(W, round(H * r)), min(H, round(W / r)), ok.any(1)
+    w, h = torch.where(hit, w, float(fw)), torch.where(hit, h, float(fh))
+    u = torch.rand(2, n, generator=g)
+    top = torch.where(hit, (u[0] * (H - h + 1)).floor().clamp(max=H - h), (H - h) // 2)
+    left = torch.where(hit, (u[1] * (W - w + 1)).floor().clamp(max=W - w), (W - w) // 2)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def _weights(start, length, n_in, n_out):
+    """(n,) crop starts and lengths -> (n,n_out,n_in) weights of torchvision's bilinear resize of each crop."""
+    start, length = start[:, None].float(), length[:, None].float()
+    src = ((torch.arange(n_out, device=start.device) + 0.5) * length / n_out - 0.5).clamp(min=0)  # align_corners=False
+    src = start + torch.minimum(src, length - 1)  # (n,n_out) source coordinates, clamped inside the crop
+    return (1 - (src[..., None] - torch.arange(n_in, device=start.device)).abs()).clamp(min=0)  # tent = bilinear
+
+
+def augment(x, boxes, flips, S):
+    """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to S×S, mirror where flips.
+    Resizing is two small matmuls per image: exactly torchvision's crop-then-resize, and fast on any device."""
+    wy = _weights(boxes[:, 0], boxes[:, 2], x.shape[2], S) / 255  # (n,S,H), scaling to [0,1] for free
+    wx = _weights(boxes[:, 1], boxes[:, 3], x.shape[3], S)        # (n,S,W)
+    wx = torch.where(flips[:, None, None], wx.flip(1), wx)  # mirroring = reversing the output columns
+    return (wy[:, None] @ x.float() @ wx[:, None].transpose(2, 3)).clamp_(0, 1)
+
+
+def _eval(x, S, resize):  # uint8 (...,3,H,W) -> (...,3,S,S): the released test transforms
+    if resize == 'imagenet':  # Resize(256) then CenterCrop(224), scaled to S
+        return TF.center_crop(TF.resize(x, [round(S * 256 / 224)], antialias=True), [S, S])
+    return TF.resize(x, [S, S], antialias=True)  # 'cifar': the released Resize(224) of a square image
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes one file per item (file index, seed); seed < 0 means the eval transform."""
+    def __init__(self, files, S, resize):
+        self.files, self.S, self.resize = files, S, resize
+
+    def __getitem__(self, item):
+        k, seed = item
+        x, S = decode_image(self.files[k], mode=ImageReadMode.RGB), self.S
+        if seed >= 0:  # per-sample generator: results do not depend on which worker runs it
+            g = torch.Generator().manual_seed(seed)
+            top, left, h, w = crop_boxes(1, x.shape[1], x.shape[2], g)[0].tolist()
+            x = TF.resized_crop(x, top, left, h, w, [S, S], antialias=True)
+            return TF.horizontal_flip(x) if torch.rand(1, generator=g) < 0.5 else x
+        return _eval(x, S, self.resize)
+
+
+def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=None, std=None,
+            resize='cifar', rank=0, world=1, workers=2):
+    if resize not in ('cifar', 'imagenet'):
+        raise ValueError(f"unknown resize {resize!r}: choose 'cifar' or 'imagenet'")
+    S, idx = image_size, idx.cpu()
+    if mean is not None:  # (3,) each
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
+    finish = lambda x: x if mean is None else (x - mean) / std
+    mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
+    if train:
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+    starts = range(0, len(idx), batch_size)
+
+    if ds.files is None:
+        H, W = ds.images.shape[2:]
+        for s in starts:
+            b = idx[s:s + batch_size]
+            i = mine(b).to(device)
+            x = ds.on(device)[i]  # (b,3,H,W) uint8
+            if train:  # draw for the whole global batch, so every rank draws the same
+                boxes, flips = crop_boxes(len(b), H, W, generator), torch.rand(len(b), generator=generator) < 0.5
+                x = augment(x, mine(boxes).to(device), mine(flips).to(device), S)
+            else:
+                x = _eval(x, S, resize).float().div_(255)
+            yield finish(x), i
+        return
+
+    seeds = torch.randint(0, 2 ** 62, (len(idx),), generator=generator) if train else torch.full((len(idx),), -1)
+    plan = [list(zip(mine(idx[s:s + batch_size]).tolist(), mine(seeds[s:s + batch_size]).tolist())) for s in starts]
+    loader = iter(torch.utils.data.DataLoader(_Decode(ds.files, S, resize), batch_sampler=[b for b in plan if b],
+                                              num_workers=workers, pin_memory=torch.cuda.is_available()))
+    for b in plan:  # a rank whose slice is empty still yields, so all ranks take the same number of steps
+        x = next(loader) if b else torch.empty(0, 3, S, S, dtype=torch.uint8)
+        x = x.to(device, non_blocking=True).float().div_(255)
+        yield finish(x), torch.tensor([k for k, _ in b], dtype=torch.long, device=device)
