@@ -15,7 +15,8 @@ computing the per-head q, k, v of shape (B, H, N, d), call `out = prompt(i, q, k
 The training loop drives the state:
     prompt.begin_task()          # before each task: grows the frequently-used set U, snapshots keys
     prompt.dense = True/False    # task-1 warm-up (all experts, no noise, no router loss)
-    prompt.counting = True       # during the usage pass (Section 5): counts top-K hits of raw scores
+    prompt.counting = True       # during the usage pass (Section 5): counts top-K hits of raw scores into
+    prompt.end_usage_pass()      # `hits`, then adds them to `usage` (all-reduce `hits` first when distributed)
 Everything the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer,
 so state_dict() saves it. (The released code keeps it in plain attributes and loses it: SPEC section 9.)
 """
@@ -42,7 +43,7 @@ class SMoPE(nn.Module):
         self.layers, self.heads, self.head_dim, self.experts = layers, heads, head_dim, experts
         self.top_k, self.eps, self.gate = top_k, eps, gate
         self.dense = False     # all experts active, no noise, no router loss (task-1 warm-up, ablation)
-        self.counting = False  # usage pass: add raw top-K hits to `usage`
+        self.counting = False  # usage pass: add raw top-K hits to `hits`
         self.fused = fused     # exact fast path (merged expert column + SDPA); False = materialised softmax
         shape = (layers, heads, experts, head_dim)
         # U(0,1) init as in the released code
@@ -56,6 +57,9 @@ class SMoPE(nn.Module):
         self.register_buffer('frequent', torch.zeros(layers, heads, experts, dtype=torch.bool))  # U
         self.register_buffer('keys_old', torch.zeros(shape))  # key snapshot for Eq. 6
         self.register_buffer('task', torch.zeros((), dtype=torch.long))  # tasks begun
+        # counts of the running usage pass, kept apart so the pass's own routing (test-time exclusion of
+        # never-used experts) sees only completed tasks and does not depend on batch order or ranks
+        self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)
         self._route = []  # per prompted layer of the last training forward: (s, selected, range)
 
     def begin_task(self):
@@ -93,8 +97,7 @@ class SMoPE(nn.Module):
                     self._route = self._route[:i] + [(s, selected, rng)]
                 if self.counting:  # Section 5: top-K of the RAW scores, summed over the batch
                     raw = s.detach().topk(K, dim=-1).indices            # (B, H, K)
-                    hits = torch.zeros_like(s, dtype=torch.long).scatter_(-1, raw, 1).sum(0)
-                    self.usage[i] += hits
+                    self.hits[i] += torch.zeros_like(s, dtype=torch.long).scatter_(-1, raw, 1).sum(0)
             g = s / math.sqrt(d)                                        # expert logits of Eq. 3 (un-noised)
             if self.gate != 'linear':  # NoRGa: g + alpha * sigma(tau * g)
                 g = g + self.alpha[i] * GATES[self.gate](self.tau[i] * g)
@@ -139,6 +142,10 @@ class SMoPE(nn.Module):
         nll = -logp.gather(-1, targets).sum(-1)                         # (L, H, E rows)
         rows = self.frequent.float()                                    # only rows j in U are prototypes
         return ((nll * rows).sum(-1) / rows.sum(-1).clamp(min=1)).sum()
+
+    def end_usage_pass(self):
+        self.usage += self.hits
+        self.hits.zero_()
 
     def usage_shares(self):
         """Fraction of top-K hits per expert, (L, H, E): a quick view of which experts each head uses."""

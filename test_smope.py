@@ -234,7 +234,10 @@ def test_usage_counts_raw_top_k():
         for h in range(H):
             for j in s[b, h].topk(K).indices:
                 expected[h, j] += 1
+    assert torch.equal(p.usage, before) and torch.equal(p.hits[1], expected) and (p.hits[0] == 0).all()
+    p.end_usage_pass()
     assert torch.equal(p.usage[1] - before[1], expected) and torch.equal(p.usage[0], before[0])
+    assert (p.hits == 0).all() and 'hits' not in p.state_dict()
 
 
 def test_state_dict_round_trip():

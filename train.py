@@ -28,13 +28,13 @@ PAPER = {
     ('imagenet-r', 10): dict(batch_size=64, lr=0.0025, router_weight=5e-5, proto_weight=1e-4, eps=0.5, ca_epochs=50, ca_ratio=6, hold=40),
     ('imagenet-r', 20): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=5e-5, eps=0.3, ca_epochs=50, ca_ratio=4, hold=40),
     # the offline demo: small enough for two CPU cores, not a paper setting
-    ('synthetic', 5): dict(batch_size=32, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=10, ca_ratio=1, hold=5,
+    ('synthetic', 5): dict(batch_size=32, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=10, ca_ratio=1, hold=5, ca_lr=1e-3,
                            epochs=4, experts=8, top_k=2, prompt_layers=2, arch='tiny', weights=None),
 }
 TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # the demo's backbone
 # settings that change results: a checkpoint made with other values is not resumed
 RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight', 'proto_weight',
-               'ca_epochs', 'ca_ratio', 'hold', 'gate', 'weights', 'normalize', 'arch', 'prompt_layers', 'split', 'augment',
+               'ca_epochs', 'ca_ratio', 'ca_lr', 'hold', 'gate', 'weights', 'normalize', 'arch', 'prompt_layers', 'split', 'augment',
                'dense', 'warmup', 'ca', 'precision']
 
 
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     a('--proto-weight', type=float, default=None, help='alpha_proto (Eq. 6)')
     a('--ca-epochs', type=int, default=None, help='classifier alignment epochs')
     a('--ca-ratio', type=int, default=None, help='alignment samples per class = batch size x ratio')
+    a('--ca-lr', type=float, default=None, help='alignment lr, cosine down to 1e-6 (1e-5)')
     a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'], help='linear = SMoPE; others = NoRGa')
     a('--arch', default=None, choices=['vit_b_16', 'tiny'])
     a('--weights', default=None, help="torchvision enum (IMAGENET1K_V1, ...), a torchvision/timm checkpoint file, or 'none'")
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.tasks = args.tasks or (5 if args.dataset == 'synthetic' else 10)
     row = PAPER.get((args.dataset, args.tasks)) or PAPER[next(k for k in PAPER if k[0] == args.dataset)]
-    defaults = {**dict(epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16', weights='IMAGENET1K_V1'), **row}
+    defaults = {**dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16', weights='IMAGENET1K_V1'), **row}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -240,23 +241,26 @@ def run(args, seed, rank, world, device):
                     f'lr {opt.param_groups[1]["lr"]:.2e} {tot[2] / dt:.0f} img/s ETA {left:.0f}s')
         prompt.dense = args.dense
 
-        # usage pass (SPEC section 5) and class statistics (section 6.4), one pass over the task's data
+        # usage pass (SPEC section 5), then class statistics (section 6.4) with the new counts, as at test time;
+        # the released code feeds training-augmented images to both; we follow it (--no-augment turns it off)
         model.eval()
-        prompt.counting = True
-        usage0 = prompt.usage.clone()
-        sums = torch.zeros(3, C, vit.width, dtype=torch.float64, device=device)
+        sums = torch.zeros(3, C, vit.width, dtype=torch.float64, device=device)  # sum f, sum f^2, count
         with torch.no_grad():
-            # the released code feeds training-augmented images to both passes; we follow it (--no-augment turns it off)
-            for x, i in data.batches(train_set, idx, args.eval_batch_size, args.augment, gen, **feed):
-                with autocast():
-                    f = model.features(x).double()
-                y = y_train[i]
-                sums[0].index_add_(0, y, f)
-                sums[1].index_add_(0, y, f * f)
-                sums[2].index_add_(0, y, torch.ones_like(f))
-        prompt.counting = False
-        delta = all_sum(prompt.usage - usage0, world)
-        prompt.usage.copy_(usage0 + delta)
+            for counting in (True, False):
+                prompt.counting = counting
+                for x, i in data.batches(train_set, idx, args.eval_batch_size, args.augment, gen, **feed):
+                    if len(i) == 0:
+                        continue
+                    with autocast():
+                        f = model.features(x).double()
+                    if not counting:
+                        y = y_train[i]
+                        sums[0].index_add_(0, y, f)
+                        sums[1].index_add_(0, y, f * f)
+                        sums[2].index_add_(0, y, torch.ones_like(f))
+                if counting:
+                    all_sum(prompt.hits, world)
+                    prompt.end_usage_pass()
         all_sum(sums, world)
         n = sums[2, lo:hi].clamp(min=1)
         stats['mean'][lo:hi] = sums[0, lo:hi] / n
@@ -293,11 +297,11 @@ def align_classifier(head, stats, seen, earlier, args, gen, device):
     Per epoch the released code draws batch*ratio samples per class, shuffles them and uses the first `earlier`
     batches; drawing only the samples it uses gives the same distribution for less work."""
     per = args.batch_size * args.ca_ratio
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-5, weight_decay=5e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.ca_lr, weight_decay=5e-4)
     mean, std = stats['mean'][:seen].float(), (stats['var'][:seen] + 1e-4).sqrt().float()
     for epoch in range(args.ca_epochs):
         for g in opt.param_groups:
-            g['lr'] = 1e-6 + (1e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi * epoch / args.ca_epochs))
+            g['lr'] = lr_at(epoch, args.ca_epochs, 0, args.ca_lr)
         pick = torch.randperm(seen * per, generator=gen)[:earlier * per]
         noise = torch.randn(len(pick), mean.shape[1], generator=gen).to(device)
         y = (pick // per).to(device)
