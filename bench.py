@@ -1,0 +1,157 @@
+"""
+Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does not depend on weights).
+
+    python bench.py                         # cuda if available, batch 64
+    python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
+    python bench.py --precision bf16 --compile --json bench.json
+
+Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
+  a      frozen ViT forward, no prompt                      (the inference limit)
+  b      SMoPE eval forward, top-5 of 25 experts, 6 layers  (b_ref: the materialised-softmax reference path)
+  c      one shared prompt, all experts dense
+  d      two-pass baseline: query forward + prompted forward (L2P / DualPrompt / HiDe)
+  e      SMoPE training step: forward, CE + router + prototype loss, backward, AdamW
+  f      training limit: frozen forward + backward through all blocks, activation gradients only
+"""
+import argparse
+import copy
+import json
+import pathlib
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smope import SMoPE
+from vit import ViT
+
+TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # for test_bench.py only
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
+    a('--precision', default='fp32', choices=['fp32', 'bf16'])
+    a('--batch-size', type=int, default=None, help='64 on cuda, 8 on cpu')
+    a('--compile', action='store_true', help='torch.compile the ViT')
+    a('--repeats', type=int, default=10, help='timed rounds; medians are reported')
+    a('--warmup', type=int, default=None, help='untimed rounds first (2 on cuda, 1 on cpu)')
+    a('--threads', type=int, default=None, help='torch.set_num_threads; 1 is the steadiest on a shared CPU host')
+    a('--quick', action='store_true', help='batch 2, 3 repeats, 1 warm-up round')
+    a('--json', default=None, help='write the results here')
+    a('--tiny', action='store_true', help=argparse.SUPPRESS)  # tiny ViT, for the test
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 3, args.warmup or 1
+    args.batch_size = args.batch_size or (64 if args.device == 'cuda' else 8)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev, cuda = torch.device(args.device), args.device == 'cuda'
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    vit = ViT(**(TINY if args.tiny else {})).to(dev).eval().requires_grad_(False)
+    prompt = SMoPE(layers=2 if args.tiny else 6, heads=vit.heads, head_dim=vit.head_dim).to(dev).eval()
+    # as on task 2: every expert used before (no eval-time exclusion of never-used ones), a frequently-used
+    # set and a key snapshot, so the noise and the prototype loss are really computed in the training step
+    prompt.begin_task()
+    prompt.usage.copy_(torch.randint(1, 10, prompt.usage.shape))
+    prompt.begin_task()
+    dense, ref, train_prompt = copy.deepcopy(prompt), copy.deepcopy(prompt), copy.deepcopy(prompt).train()
+    dense.dense, ref.fused = True, False
+    # train.Learner's head and optimiser inlined: train.py imports data.py, which a benchmark need not
+    head = nn.Linear(vit.width, 100).to(dev)
+    opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3), dict(params=head.parameters(), lr=1e-3)],
+                            weight_decay=0.0)
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 32  # one graph per (prompt module, grad mode) pair
+        vit.compile()
+    B = args.batch_size
+    x = torch.rand(B, 3, vit.image_size, vit.image_size, device=dev)
+    y = torch.randint(0, 100, (B,), device=dev)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
+
+    with torch.no_grad():  # exactness, once, in fp32: the fused kernel must reproduce Eq. 3 written out
+        diff = (vit(x, prompt) - vit(x, ref)).abs().max().item()
+
+    @torch.no_grad()
+    def infer(p):
+        with autocast():
+            return vit(x, p)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            logits = head(vit(x, train_prompt)).float()
+            loss = (F.cross_entropy(logits, y) + 1e-5 * train_prompt.router_loss()
+                    + 1e-5 * train_prompt.prototype_loss())
+        loss.backward()
+        opt.step()
+
+    def train_limit():
+        # Only the input requires grad: autograd runs the activation backward through all blocks, no weight
+        # gradients, as SMoPE's backward must down to block 0 where its first prompt lives. It overshoots a
+        # little (block 0's qkv and the patch conv get input gradients too), so e/f errs on the low side.
+        with autocast():
+            loss = vit(x.detach().requires_grad_(True)).float().square().mean()
+        loss.backward()
+
+    # d: the query pass only picks the prompt, so its cost counts here and its result does not
+    variants = {'a': lambda: infer(None), 'b': lambda: infer(prompt), 'b_ref': lambda: infer(ref), 'c': lambda: infer(dense),
+                'd': lambda: (infer(None), infer(prompt)), 'e': train_step, 'f': train_limit}
+    times, peaks = {k: [] for k in variants}, {k: 0 for k in variants}
+    for r in range(args.warmup + args.repeats):
+        for k, fn in variants.items():  # round-robin: a slow spell of the machine is shared by all variants
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())  # includes weights and optimiser
+            if r >= args.warmup:
+                times[k].append(time.perf_counter() - t0)
+
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in [('b', 'a'), ('b_ref', 'a'), ('c', 'a'), ('d', 'a'), ('e', 'f')]}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in [('backbone', vit), ('prompt', prompt), ('head', head)]}
+    info = pathlib.Path('/proc/cpuinfo').read_text().splitlines() if platform.system() == 'Linux' else []
+    cpu = [l.split(':', 1)[1].strip() for l in info if l.startswith('model name')]
+    name = torch.cuda.get_device_name(dev) if cuda else (cpu + [platform.machine()])[0]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    res = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), batch_size=B,
+               precision=args.precision, compile=args.compile, repeats=args.repeats, warmup=args.warmup, tiny=args.tiny,
+               ms=ms, all_ms={k: [1e3 * t for t in v] for k, v in times.items()},
+               images_per_s={k: B / v * 1e3 for k, v in ms.items()}, ratios=ratios, params=params, fused_vs_ref_max_abs_diff=diff,
+               peak_mem_mb={k: v / 2**20 for k, v in peaks.items()} if cuda else {'process_rss': rss_mb})
+
+    print(f"device {name} | torch {torch.__version__} | threads {res['threads']} | batch {B} | {args.precision}"
+          f"{' | compiled' if args.compile else ''} | medians of {args.repeats} after {args.warmup} warm-up rounds")
+    print(f"{'variant':<8}{'ms/batch':>11}{'images/s':>11}" + (f"{'peak MiB':>11}" if cuda else ''))
+    for k in variants:
+        print(f"{k:<8}{ms[k]:>11.1f}{res['images_per_s'][k]:>11.1f}" + (f"{peaks[k] / 2**20:>11.0f}" if cuda else ''))
+    print('ratios  ' + '  '.join(f'{k} {v:.3f}' for k, v in ratios.items()))
+    print('params  ' + '  '.join(f'{k} {v:,}' for k, v in params.items())
+          + ('' if cuda else f'\npeak RSS {rss_mb:.0f} MiB (whole process, all variants together)'))
+    print(f'fused vs reference (b vs b_ref, fp32): max abs diff {diff:.2e}')
+    # a projection, not a measurement: Split CIFAR-100's image count at these rates, ignoring data loading
+    # and classifier alignment. Training: 10 tasks x 5,000 images x 20 epochs, plus task 1's 10 warm-up
+    # epochs; forward only: usage and statistics passes (2 x 50,000) and evaluation (1,000 x (1 + ... + 10)).
+    res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
+    print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == '__main__':
+    main()
