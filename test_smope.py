@@ -1,13 +1,35 @@
-"""Tests of the SMoPE project. CPU only, tiny sizes: `python3 -m pytest -q test_smope.py`."""
+"""Tests of the SMoPE project, CPU only, nothing downloaded: `python3 -m pytest -q test_smope.py`.
+Sections: smope.py, vit.py, data.py, train.py (torchrun included), bench.py."""
+import hashlib
+import json
 import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torchvision.io import write_jpeg
+from torchvision.models.vision_transformer import VisionTransformer
+from torchvision.transforms.v2 import functional as TF
 
+import bench
+import data
+import train
+import vit
 from smope import SMoPE
+from vit import ViT, load_weights
 
-# ----------------------------------------------------------------------------- smope.py
+# torchvision 0.29 deprecates its image decoders, which the ImageNet-R tests use
+pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding:DeprecationWarning')
+
+# ------------------------------------------------------------ smope.py
 
 L, H, N, D, E, K = 2, 3, 5, 4, 6, 2
 
@@ -273,3 +295,625 @@ def test_paper_sizes_and_bad_arguments():
     for kw, msg in [(dict(top_k=26), 'top_k'), (dict(top_k=0), 'top_k'), (dict(gate='relu'), 'gate')]:
         with pytest.raises(ValueError, match=msg):
             SMoPE(**kw)
+
+
+# ------------------------------------------------------------ vit.py
+
+TV_TINY = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
+
+
+def tiny_ours(image_size=32):
+    return ViT(image_size=image_size, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
+
+
+def tv_features(tv, x):
+    tv.heads = nn.Identity()  # leaves the CLS token after encoder.ln
+    with torch.no_grad():
+        return tv.eval()(x)
+
+
+def tv_to_timm(sd):
+    """Independent rewrite of torchvision ViT keys into timm's names (heads.head -> head, which the loader drops)."""
+    block = {'ln_1': 'norm1', 'ln_2': 'norm2', 'self_attention.in_proj_weight': 'attn.qkv.weight',
+             'self_attention.in_proj_bias': 'attn.qkv.bias', 'self_attention.out_proj': 'attn.proj',
+             'mlp.0': 'mlp.fc1', 'mlp.3': 'mlp.fc2'}
+    top = {'conv_proj': 'patch_embed.proj', 'class_token': 'cls_token', 'encoder.pos_embedding': 'pos_embed',
+           'encoder.ln': 'norm', 'heads.head': 'head'}
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('encoder.layers.encoder_layer_'):
+            i, rest = k[len('encoder.layers.encoder_layer_'):].split('.', 1)
+            old = next(o for o in block if rest.startswith(o))
+            out[f'blocks.{i}.{block[old]}{rest[len(old):]}'] = v
+        else:
+            old = next(o for o in top if k.startswith(o))
+            out[top[old] + k[len(old):]] = v
+    return out
+
+
+@pytest.fixture(scope='module')
+def b16(tmp_path_factory):
+    torch.manual_seed(0)
+    tv = torchvision.models.vit_b_16()  # random init, nothing downloaded
+    path = tmp_path_factory.mktemp('w') / 'tv_b16.pth'
+    sd = tv.state_dict()
+    torch.save(sd, path)
+    return tv, sd, path
+
+
+def test_parity_b16(b16):
+    tv, _, path = b16
+    x = torch.randn(2, 3, 224, 224)
+    ours = load_weights(ViT(), path).eval()
+    with torch.no_grad():
+        diff = (ours(x) - tv_features(tv, x)).abs().max().item()
+    print(f'ViT-B/16 max abs diff vs torchvision: {diff:.2e}')
+    assert diff <= 1e-5
+    assert ours.mean == (0.485, 0.456, 0.406) and ours.std == (0.229, 0.224, 0.225)
+
+
+def test_parity_tiny(tmp_path):
+    torch.manual_seed(0)
+    tv = VisionTransformer(**TV_TINY)
+    torch.save(tv.state_dict(), tmp_path / 'tiny.pth')
+    ours = load_weights(tiny_ours(), tmp_path / 'tiny.pth')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (ours(x) - tv_features(tv, x)).abs().max().item()
+    print(f'tiny max abs diff vs torchvision: {diff:.2e}')
+    assert diff <= 1e-5
+
+
+def test_param_count(b16):
+    tv, _, _ = b16
+    n_tv = sum(p.numel() for p in torchvision.models.vit_b_16().parameters())  # fresh: fixture's heads may be gone
+    n = sum(p.numel() for p in vit.vit_b_16().parameters())
+    print(f'ViT-B/16 params: {n}')
+    assert n == n_tv - (768 * 1000 + 1000)
+
+
+def test_timm_layout(b16, tmp_path):
+    _, sd, path = b16
+    torch.save({'state_dict': tv_to_timm(sd)}, tmp_path / 'timm.pth')  # also exercises the 'state_dict' wrapper
+    a, b = load_weights(ViT(), path).eval(), load_weights(ViT(), tmp_path / 'timm.pth').eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        diff = (a(x) - b(x)).abs().max().item()
+    print(f'timm vs torchvision layout max abs diff: {diff:.2e}')
+    assert diff <= 1e-6
+    assert b.mean == (0.5, 0.5, 0.5) and b.std == (0.5, 0.5, 0.5)
+
+
+def test_pos_embed_resize(tmp_path):
+    torch.manual_seed(0)
+    src = tiny_ours(48)  # 6x6 grid
+    torch.save(src.state_dict(), tmp_path / 'g6.pth')
+    small = load_weights(tiny_ours(32), tmp_path / 'g6.pth')  # 4x4 grid
+    assert small.pos_embed.shape == (1, 17, 64)
+    assert torch.equal(small.pos_embed[:, 0], src.pos_embed[:, 0])
+    with torch.no_grad():
+        assert torch.isfinite(small(torch.randn(2, 3, 32, 32))).all()
+    same = load_weights(tiny_ours(48), tmp_path / 'g6.pth')
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
+
+
+def check_error(exc, match, model, weights):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=match) as e:
+        load_weights(model, weights)
+    assert '\n' not in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    return str(e.value)
+
+
+def test_bad_weights(tmp_path):
+    m = tiny_ours()
+    check_error(ValueError, 'unknown weights.*IMAGENET1K_V1', m, 'IMAGENET1K_V7')
+    check_error(FileNotFoundError, 'not found', m, tmp_path / 'nope.pth')
+    (tmp_path / 'junk.pth').write_bytes(b'\x00garbage\xff' * 100)
+    check_error(ValueError, 'not a PyTorch checkpoint', m, tmp_path / 'junk.pth')
+    torch.save({'foo.weight': torch.zeros(3)}, tmp_path / 'other.pth')
+    check_error(ValueError, 'layout not recognised', m, tmp_path / 'other.pth')
+    sd = VisionTransformer(**TV_TINY).state_dict()
+    del sd['encoder.layers.encoder_layer_1.mlp.3.bias']
+    torch.save(sd, tmp_path / 'missing.pth')
+    check_error(ValueError, 'missing blocks.1.mlp.fc2.bias', m, tmp_path / 'missing.pth')
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        (tmp_path / 'w.safetensors').write_bytes(b'x')
+        check_error(ValueError, 'pip install safetensors', m, tmp_path / 'w.safetensors')
+
+
+def test_vit_large_guess(tmp_path):
+    # only the keys that carry the shapes the guess needs; zeros keep it cheap
+    sd = {'patch_embed.proj.weight': torch.zeros(1024, 3, 16, 16), 'cls_token': torch.zeros(1, 1, 1024),
+          'pos_embed': torch.zeros(1, 197, 1024), **{f'blocks.{i}.norm1.weight': torch.zeros(1024) for i in range(24)}}
+    torch.save(sd, tmp_path / 'large.pth')
+    msg = check_error(ValueError, r'patch_embed\.proj\.weight \(1024, 3, 16, 16\).*looks like ViT-L/16', ViT(),
+                      tmp_path / 'large.pth')
+    assert '24 blocks' in msg
+
+
+class FakePrompt(nn.Module):
+    def __init__(self, layers, zero=False):
+        super().__init__()
+        self.layers, self.zero, self.calls = layers, zero, []
+
+    def forward(self, i, q, k, v):
+        self.calls.append((i, tuple(q.shape)))
+        return torch.zeros_like(q) if self.zero else F.scaled_dot_product_attention(q, k, v)
+
+
+def test_prompt_hook():
+    torch.manual_seed(0)
+    m = ViT(image_size=32, patch_size=8, width=64, depth=3, heads=4, mlp_dim=128).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base, p = m(x), FakePrompt(1)
+        assert torch.equal(m(x, prompt=p), base)
+        assert p.calls == [(0, (2, 4, 17, 16))]  # (B,H,N,d), block 0 only
+        p2 = FakePrompt(2, zero=True)
+        assert not torch.allclose(m(x, prompt=p2), base)
+        assert [i for i, _ in p2.calls] == [0, 1]
+
+
+@pytest.mark.parametrize('name', ['IMAGENET1K_V1', 'IMAGENET1K_SWAG_LINEAR_V1', 'IMAGENET1K_SWAG_E2E_V1'])
+def test_enum_names(name):
+    enum, mean, std = vit._tv_weights(name)  # reads metadata only, never downloads
+    assert isinstance(enum, torchvision.models.ViT_B_16_Weights) and enum.name == name
+    assert mean == (0.485, 0.456, 0.406) and std == (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------ data.py
+
+SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
+
+
+def one_line_error(fn, *args, match=None, **kw):
+    with pytest.raises(ValueError, match=match) as e:
+        fn(*args, **kw)
+    assert '\n' not in str(e.value)
+    return str(e.value)
+
+# -----------------------------------------------------------------------------
+# CIFAR-100
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    """cifar-100-python/{train,test,meta} pickles, 3 train and 1 test image per class."""
+    d = tmp_path / 'cifar-100-python'
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for name, per_class in (('train', 3), ('test', 1)):
+        labels = list(range(100)) * per_class
+        # the real files are Python 2 pickles whose str keys load as str under encoding='latin1'
+        entry = {'data': torch.randint(0, 256, (len(labels), 3072), generator=g, dtype=torch.uint8).numpy(),
+                 'fine_labels': labels, 'coarse_labels': [y // 5 for y in labels],
+                 'filenames': [f'{i}.png' for i in range(len(labels))], 'batch_label': name}
+        pickle.dump(entry, open(d / name, 'wb'))
+    pickle.dump({'fine_label_names': [f'c{i}' for i in range(100)], 'coarse_label_names': [f's{i}' for i in range(20)]},
+                open(d / 'meta', 'wb'))
+    # torchvision checks each file's md5 against the real release, which fake files cannot match:
+    # keep its existence check, skip the md5
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda fpath, md5=None: os.path.isfile(fpath))
+    return tmp_path
+
+
+def test_cifar100_tasks(cifar_dir):
+    train, test = data.load('cifar100', data_dir=cifar_dir)
+    assert train.images.shape == (300, 3, 32, 32) and test.images.shape == (100, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.files is None and train.num_classes == 100
+    raw = pickle.load(open(cifar_dir / 'cifar-100-python' / 'train', 'rb'))['data']
+    assert torch.equal(train.images[5].reshape(-1), torch.from_numpy(raw[5]))  # CHW layout kept
+    for seed in (0, 1):
+        expected = list(range(100))
+        random.seed(seed)
+        random.shuffle(expected)
+        order = data.class_order(100, seed)
+        assert order == expected
+        tasks = data.split_tasks(order, 10)
+        assert [len(t) for t in tasks] == [10] * 10 and sum(tasks, []) == order
+        y = data.remap(train.labels, order)
+        for t, classes in enumerate(tasks):
+            mine = torch.isin(train.labels, torch.tensor(classes))
+            assert mine.sum() == 30 and ((y[mine] >= 10 * t) & (y[mine] < 10 * t + 10)).all()
+        assert [order[int(v)] for v in y[:20]] == train.labels[:20].tolist()
+    assert data.class_order(100, 0) != data.class_order(100, 1)
+
+
+def test_cifar100_missing(tmp_path):
+    assert '--download' in one_line_error(data.load, 'cifar100', data_dir=tmp_path)
+
+# -----------------------------------------------------------------------------
+# ImageNet-R
+
+WNIDS = {'n01': 2, 'n02': 0, 'n03': 1}  # the list's own labels, deliberately not the sorted-wnid order
+
+
+def write_list(path, files, labels):
+    path.write_text('data:\n' + ''.join(f'- {f}\n' for f in files) + 'targets:\n' + ''.join(f'- {y}\n' for y in labels))
+
+
+@pytest.fixture
+def imr_dir(tmp_path):
+    """data/imagenet-r/<wnid>/*.jpg of assorted sizes, plus split lists: 4 train and 1 test image per class."""
+    g = torch.Generator().manual_seed(0)
+    lists = {'train': ([], []), 'test': ([], [])}
+    for wnid, y in WNIDS.items():
+        (tmp_path / 'imagenet-r' / wnid).mkdir(parents=True)
+        for k in range(5):
+            h, w = [(40, 30), (30, 50), (36, 36), (20, 64), (64, 24)][k]
+            img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+            write_jpeg(img, str(tmp_path / 'imagenet-r' / wnid / f'art_{k}.jpg'))
+            part = lists['test' if k == 4 else 'train']
+            part[0].append(f'data/imagenet-r/{wnid}/art_{k}.jpg')
+            part[1].append(y)
+    for part, (files, labels) in lists.items():
+        write_list(tmp_path / f'imagenet-r_{part}.yaml', files, labels)
+    return tmp_path
+
+
+def test_imagenet_r_fixed(imr_dir):
+    train, test = data.load('imagenet-r', data_dir=imr_dir)
+    assert len(train) == 12 and len(test) == 3 and train.num_classes == 3 and train.images is None
+    for ds in (train, test):
+        for f, y in zip(ds.files, ds.labels.tolist()):
+            assert os.path.isabs(f) and os.path.isfile(f) and WNIDS[Path(f).parent.name] == y
+    assert {Path(f).name for f in test.files} == {'art_4.jpg'}
+
+
+def test_imagenet_r_random(imr_dir):
+    train, test = data.load('imagenet-r', data_dir=imr_dir, split='random', seed=0)
+    assert len(train) == 12 and len(test) == 3
+    assert sorted(test.labels.tolist()) == [0, 1, 2] and sorted(set(train.labels.tolist())) == [0, 1, 2]
+    for ds in (train, test):
+        for f, y in zip(ds.files, ds.labels.tolist()):
+            assert sorted(WNIDS).index(Path(f).parent.name) == y
+    assert not set(train.files) & set(test.files)
+    assert data.load('imagenet-r', data_dir=imr_dir, split='random', seed=0)[1].files == test.files
+    assert data.load('imagenet-r', data_dir=imr_dir, split='random', seed=1)[1].files != test.files
+
+
+def test_imagenet_r_errors(imr_dir, tmp_path_factory):
+    gone = imr_dir / 'imagenet-r' / 'n02' / 'art_1.jpg'
+    gone.unlink()
+    msg = one_line_error(data.load, 'imagenet-r', data_dir=imr_dir)
+    assert msg.startswith('1 files') and str(gone) in msg
+    (imr_dir / 'imagenet-r_train.yaml').unlink()
+    assert '--download' in one_line_error(data.load, 'imagenet-r', data_dir=imr_dir)
+    msg = one_line_error(data.load, 'imagenet-r', data_dir=tmp_path_factory.mktemp('empty'))
+    assert '--download' in msg and data.IMR_URL in msg
+
+
+def test_imagenet_r_batches(imr_dir):
+    train, test = data.load('imagenet-r', data_dir=imr_dir)
+    idx = torch.arange(len(train))
+
+    def run(ds, train_mode, workers, resize='imagenet', world=1, rank=0):
+        g = torch.Generator().manual_seed(3)
+        return list(data.batches(ds, torch.arange(len(ds)), 5, train_mode, g, 'cpu', image_size=32,
+                                 resize=resize, workers=workers, world=world, rank=rank))
+    a, b = run(train, True, 0), run(train, True, 2)
+    assert [x.shape for x, _ in a] == [(5, 3, 32, 32), (5, 3, 32, 32), (2, 3, 32, 32)]
+    assert sorted(torch.cat([i for _, i in a]).tolist()) == idx.tolist()
+    for (xa, ia), (xb, ib) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ia, ib) and xa.min() >= 0 and xa.max() <= 1
+    halves = [run(train, True, 0, world=2, rank=r) for r in (0, 1)]
+    for (x, i), (x0, i0), (x1, i1) in zip(a, *halves):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([i0, i1]), i)
+    for resize in ('imagenet', 'cifar'):
+        (x, i), = run(test, False, 0, resize)
+        assert x.shape == (3, 3, 32, 32) and i.tolist() == [0, 1, 2]
+        img = torchvision.io.decode_image(test.files[0], mode=torchvision.io.ImageReadMode.RGB)
+        ref = TF.resize(img, [37] if resize == 'imagenet' else [32, 32])  # 37 = round(32*256/224)
+        assert torch.equal(x[0], TF.center_crop(ref, [32, 32]).float() / 255)
+
+
+@pytest.mark.skipif(not (SHARED / 'imagenet-r_train.yaml').exists(), reason='no shared/data split lists')
+def test_real_split_lists():
+    files = {}
+    for part, n in (('train', 24000), ('test', 6000)):
+        path = SHARED / f'imagenet-r_{part}.yaml'
+        data.verify(path, data.SPLIT_SHA256[part])
+        files[part], labels = data.read_split(path)
+        assert len(files[part]) == len(labels) == n and len(set(files[part])) == n
+        assert sorted(set(labels)) == list(range(200))
+        assert all(f.startswith('data/imagenet-r/n') and f.endswith('.jpg') for f in files[part])
+    assert not set(files['train']) & set(files['test'])
+
+
+def test_verify_and_fetch(tmp_path, monkeypatch):
+    f = tmp_path / 'imagenet-r_train.yaml'
+    f.write_text('precious')
+    msg = one_line_error(data.verify, f, '0' * 64)
+    assert str(f) in msg and '0' * 64 in msg and hashlib.sha256(b'precious').hexdigest() in msg
+    assert f.read_text() == 'precious'
+    data.verify(f, hashlib.sha256(b'precious').hexdigest())
+    # a download (faked) lands under a temporary name and replaces the target only once verified
+    monkeypatch.setattr(data, 'download_url', lambda url, root, filename: Path(root, filename).write_text('got'))
+    target = tmp_path / 'imagenet-r_test.yaml'
+    one_line_error(data.fetch, 'https://x', target, '0' * 64)
+    assert not target.exists() and (tmp_path / 'imagenet-r_test.yaml.part').read_text() == 'got'
+    data.fetch('https://x', target, hashlib.sha256(b'got').hexdigest())  # fetched again, despite the leftover
+    assert target.read_text() == 'got' and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
+
+# -----------------------------------------------------------------------------
+# batched augmentation of tensor datasets
+
+def test_crop_boxes():
+    g = torch.Generator().manual_seed(0)
+    top, left, h, w = data.crop_boxes(20000, 1000, 1000, g).T.double()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 1000).all() and (left + w <= 1000).all()
+    area, ratio = h * w / 1e6, w / h
+    assert area.min() > 0.08 - 2e-3 and area.max() <= 1 and ratio.min() > 3 / 4 - 5e-3 and ratio.max() < 4 / 3 + 5e-3
+    # same distribution as torchvision's own sampler (which draws from the global RNG, hence fork_rng)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tv = torch.tensor([torchvision.transforms.RandomResizedCrop.get_params(torch.empty(1, 1000, 1000),
+                                                                               [0.08, 1], [3 / 4, 4 / 3])
+                           for _ in range(5000)]).double()
+    assert abs(area.mean() - (tv[:, 2] * tv[:, 3] / 1e6).mean()) < 0.015
+    assert abs(ratio.log().mean() - (tv[:, 3] / tv[:, 2]).log().mean()) < 0.015
+    assert abs(top.mean() - tv[:, 0].mean()) < 15
+    # no try can fit a 10x1000 strip: torchvision falls back to a central crop with the ratio clamped to 4/3
+    assert data.crop_boxes(50, 10, 1000, g).unique(dim=0).tolist() == [[0, 493, 10, 13]]
+    top, left, h, w = data.crop_boxes(5000, 32, 32, g).T
+    assert (top + h <= 32).all() and (left + w <= 32).all() and (h >= 1).all() and (w >= 1).all()
+
+
+def test_augment_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 40), generator=g, dtype=torch.uint8)
+    boxes, flips = data.crop_boxes(64, 32, 40, g), torch.rand(64, generator=g) < 0.5
+    out = data.augment(x, boxes, flips, 56)
+    assert out.shape == (64, 3, 56, 56) and out.dtype == torch.float32
+    for k in range(64):
+        ref = TF.resized_crop(x[k].float(), *boxes[k].tolist(), [56, 56], antialias=False) / 255
+        ref = TF.horizontal_flip(ref) if flips[k] else ref
+        torch.testing.assert_close(out[k], ref, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def synth():
+    return data.synthetic(num_classes=10, train_per_class=13, test_per_class=3, size=32, seed=0)
+
+
+def test_batches_tensor(synth):
+    train, test = synth
+    idx = torch.arange(7, 130)  # a subset, so positions must be dataset indices
+
+    def run(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return list(data.batches(train, idx, 50, True, g, 'cpu', image_size=64, **kw))
+    a = run(0)
+    assert [x.shape for x, _ in a] == [(50, 3, 64, 64), (50, 3, 64, 64), (23, 3, 64, 64)]
+    assert torch.equal(torch.cat([i for _, i in a]).sort().values, idx)
+    assert all(x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1 for x, _ in a)
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, run(0)))
+    assert not torch.equal(a[0][0], run(1)[0][0])
+    halves = [run(0, world=2, rank=r) for r in (0, 1)]
+    for (x, i), (x0, i0), (x1, i1) in zip(a, *halves):
+        assert len(x0) == len(x1) + (len(x) % 2) and torch.equal(torch.cat([x0, x1]), x)
+        assert torch.equal(torch.cat([i0, i1]), i)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for (x, _), (y, _) in zip(a, run(0, mean=mean, std=std)):
+        torch.testing.assert_close(y, (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
+
+
+def test_batches_eval(synth):
+    _, test = synth
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    (x, i), = data.batches(test, torch.arange(30), 64, False, g, 'cpu', image_size=224)
+    assert torch.equal(i, torch.arange(30)) and torch.equal(g.get_state(), state)  # no shuffle, no draws
+    ref = F.interpolate(test.images.float(), size=224, mode='bilinear', align_corners=False) / 255
+    torch.testing.assert_close(x, ref, atol=1.01 / 255, rtol=0)  # the uint8 resize rounds to whole levels
+    (x, _), = data.batches(test, torch.arange(30), 64, False, None, 'cpu', image_size=224, resize='imagenet')
+    ref = F.interpolate(test.images.float(), size=256, mode='bilinear', align_corners=False)[..., 16:240, 16:240] / 255
+    torch.testing.assert_close(x, ref, atol=1.01 / 255, rtol=0)
+
+
+def test_synthetic(synth):
+    train, test = synth
+    assert train.images.shape == (130, 3, 32, 32) and test.images.shape == (30, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.num_classes == 10
+    assert torch.equal(train.labels.bincount(), torch.full((10,), 13)) and set(test.labels.tolist()) == set(range(10))
+    again = data.synthetic(num_classes=10, train_per_class=13, test_per_class=3, seed=0)[0]
+    assert torch.equal(again.images, train.images)
+    assert not torch.equal(data.synthetic(num_classes=10, train_per_class=13, test_per_class=3, seed=1)[0].images,
+                           train.images)
+    tr, te = data.load('synthetic', seed=0)
+    assert len(tr) == 2000 and len(te) == 500 and tr.num_classes == 50
+
+
+def test_errors():
+    assert 'cifar100' in one_line_error(data.load, 'mnist')
+    one_line_error(data.split_tasks, list(range(100)), 7, match='7 tasks')
+    one_line_error(data.load, 'imagenet-r', split='half', match='split')
+
+
+# ------------------------------------------------------------ train.py
+
+FAST = ['--dataset', 'synthetic', '--epochs', '1', '--ca-epochs', '2', '--batch-size', '32', '--workers', '0']
+
+
+def run_train(tmp_path, *extra, name='run'):
+    out = str(tmp_path / name)
+    assert train.main(FAST + ['--out', out] + list(extra)) == 0
+    with open(os.path.join(out, 'seed0', 'metrics.json')) as f:
+        return json.load(f), out
+
+
+@pytest.fixture(scope='module')
+def base_run(tmp_path_factory):
+    return run_train(tmp_path_factory.mktemp('base'))
+
+
+def test_end_to_end_metrics(base_run):
+    m, _ = base_run
+    acc, T = m['acc'], 5
+    assert [len(r) for r in acc] == list(range(1, T + 1))   # lower-triangular T x T
+    assert m['faa'] == pytest.approx(sum(acc[-1]) / T)
+    assert m['caa'] == pytest.approx(sum(sum(r) / len(r) for r in acc) / T)
+    ffm = sum(max(acc[t][i] for t in range(i, T - 1)) - acc[-1][i] for i in range(T - 1)) / (T - 1)
+    assert m['forgetting'] == pytest.approx(ffm)
+    assert m['faa'] > 5 * 100 / 50                          # chance over 50 classes is 2%
+    assert m['prompt_params'] == 2 * 2 * 4 * 8 * 24         # layers x heads x experts x head_dim, keys + values
+
+
+def test_determinism_and_resume(base_run, tmp_path):
+    m, _ = base_run
+    again, _ = run_train(tmp_path, name='again')
+    assert again['acc'] == m['acc']
+    # a run stopped after task 2 and resumed ends with exactly the same metrics
+    part, out = run_train(tmp_path, '--stop-after', '2', name='resumed')
+    assert len(part['acc']) == 2
+    assert train.main(FAST + ['--out', out, '--resume']) == 0
+    with open(os.path.join(out, 'seed0', 'metrics.json')) as f:
+        assert json.load(f)['acc'] == m['acc']
+
+
+def test_eval_does_not_depend_on_batch_size():
+    torch.manual_seed(0)
+    vit = ViT(**train.TINY)
+    prompt = SMoPE(2, vit.heads, vit.head_dim, experts=8, top_k=2)
+    prompt.usage.random_(0, 2)
+    model = train.Learner(vit, prompt, 50).eval()
+    _, test = data.synthetic()
+    idx = torch.arange(64)
+    feed = dict(device=torch.device('cpu'), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, workers=0)
+    x = next(data.batches(test, idx, 64, False, None, **feed))[0]
+    with torch.no_grad():
+        full = model.head(model.features(x))
+        single = torch.cat([model.head(model.features(x[b:b + 1])) for b in range(64)])
+    assert (full - single).abs().max() <= 1e-5 and torch.equal(full.argmax(1), single.argmax(1))
+    y = torch.arange(len(test)) % 10  # any labels: both batch sizes must count the same hits
+    autocast = lambda: torch.autocast('cpu', enabled=False)
+    accs = [train.evaluate(model, test, y, 1, 10, type('A', (), dict(eval_batch_size=bs)), dict(feed, rank=0, world=1, resize='cifar'),
+                           autocast) for bs in (1, 64)]
+    assert accs[0] == accs[1]
+
+
+def record(monkeypatch):
+    """Records (dense, training, eps) at every prompted-layer call and counts classifier alignments."""
+    seen, forward = {'calls': set(), 'ca': 0}, SMoPE.forward
+
+    def spy(self, i, q, k, v):
+        seen['calls'].add((self.dense, self.training, self.eps))
+        return forward(self, i, q, k, v)
+    align = train.align_classifier
+
+    def ca(*a):
+        seen['ca'] += 1
+        return align(*a)
+    monkeypatch.setattr(SMoPE, 'forward', spy)
+    monkeypatch.setattr(train, 'align_classifier', ca)
+    return seen
+
+
+@pytest.mark.parametrize('flag', [None, '--dense', '--no-warmup', '--no-noise', '--no-router', '--no-proto', '--no-ca'])
+def test_ablation_switches(flag, tmp_path, monkeypatch):
+    seen = record(monkeypatch)
+    extra = ['--stop-after', '2'] + ([flag] if flag else [])
+    m, out = run_train(tmp_path, *extra)
+    cfg = m['config']
+    train_calls = {(d, e) for d, tr, e in seen['calls'] if tr}
+    if flag == '--dense':        # one shared prompt: every training forward uses all experts
+        assert train_calls == {(True, 0.4)} and max(map(max, (m['usage'][0]))) == 0
+    elif flag == '--no-warmup':  # no dense phase at all
+        assert train_calls == {(False, 0.4)}
+    elif flag == '--no-noise':
+        assert cfg['eps'] == 0 and train_calls == {(True, 0.0), (False, 0.0)}
+    else:                        # dense warm-up on task 1, then sparse
+        assert train_calls == {(True, 0.4), (False, 0.4)}
+    assert cfg['router_weight'] == (0 if flag == '--no-router' else 1e-5)
+    assert cfg['proto_weight'] == (0 if flag == '--no-proto' else 1e-5)
+    assert seen['ca'] == (0 if flag == '--no-ca' else 1)  # task 2 only
+
+
+def test_masking_and_alignment_touch_only_what_they_should(tmp_path):
+    def state(out):
+        return torch.load(os.path.join(out, 'seed0', 'checkpoint.pt'), weights_only=False)
+    _, one = run_train(tmp_path, '--stop-after', '1', '--no-ca', name='one')
+    first = state(one)
+    _, ca = run_train(tmp_path, '--stop-after', '2', name='ca')
+    _, no_ca = run_train(tmp_path, '--stop-after', '2', '--no-ca', name='no_ca')
+    with_ca, without = state(ca), state(no_ca)
+    # task 2 training masks task 1's logits, so without alignment task 1's head rows are exactly as after task 1
+    assert torch.equal(without['head']['weight'][:10], first['head']['weight'][:10])
+    assert not torch.equal(without['head']['weight'][10:20], first['head']['weight'][10:20])
+    # alignment retrains the head only
+    for k in without['prompt']:
+        assert torch.equal(with_ca['prompt'][k], without['prompt'][k]), k
+    assert not torch.equal(with_ca['head']['weight'][:20], without['head']['weight'][:20])
+
+
+def test_bf16_runs(tmp_path):
+    m, _ = run_train(tmp_path, '--stop-after', '1', '--precision', 'bf16')
+    assert m['acc'][0][0] > 10
+
+
+def test_train_bad_inputs(tmp_path, capsys):
+    for argv, msg in [(['--top-k', '30', '--experts', '25'], '--top-k must be between 1 and --experts'),
+                      (['--bogus'], 'unrecognized arguments'), (['--gate', 'relu'], 'invalid choice'),
+                      (['--arch', 'tiny', '--weights', 'IMAGENET1K_V1'], '--weights needs')]:
+        with pytest.raises(SystemExit):
+            train.main(FAST + argv)
+        assert msg in capsys.readouterr().err
+    out = str(tmp_path / 'x')
+    checks = [(['--dataset', 'cifar100', '--data-dir', str(tmp_path / 'none'), '--weights', 'none'], '--download'),
+              (['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'not found'),
+              (FAST + ['--lr', '1e30', '--out', out], 'loss is')]
+    for argv, msg in checks:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('error:') and msg in err and '\n' not in err, err
+    assert train.main(FAST + ['--out', out, '--stop-after', '1']) == 0
+    capsys.readouterr()
+    assert train.main(FAST + ['--out', out]) == 2                       # would overwrite: refused
+    assert '--resume' in capsys.readouterr().err
+    assert train.main(FAST + ['--out', out, '--resume', '--eps', '0.3']) == 2
+    assert "eps: checkpoint 0.4, now 0.3" in capsys.readouterr().err
+    assert len(json.load(open(os.path.join(out, 'seed0', 'metrics.json')))['acc']) == 1  # kept as it was
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 CPU processes (gloo) vs 1, same global batch, augmentation off. Each rank runs half of every global batch,
+    so matmuls see other shapes and DDP sums gradients in another order: parameters then differ by float32
+    rounding (~1e-7 relative per step) and nothing else. Accuracy and usage counts are discrete and agree
+    exactly; class statistics agree to 1e-5 (their values are O(1), so this is still ~100x the rounding seen)."""
+    args = FAST + ['--no-augment', '--stop-after', '3']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for n, out in [(1, tmp_path / 'one'), (2, tmp_path / 'two')]:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', 'train.py']
+        r = subprocess.run(cmd + args + ['--out', str(out)], env=env, capture_output=True, text=True, timeout=110,
+                           cwd=os.path.dirname(os.path.abspath(train.__file__)))
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (torch.load(tmp_path / d / 'seed0' / 'checkpoint.pt', weights_only=False) for d in ('one', 'two'))
+    assert one['metrics']['world_size'] == 1 and two['metrics']['world_size'] == 2
+    assert one['metrics']['acc'] == two['metrics']['acc']
+    assert torch.equal(one['prompt']['usage'], two['prompt']['usage']) and one['prompt']['usage'].sum() > 0
+    assert torch.equal(one['prompt']['frequent'], two['prompt']['frequent'])
+    for k in ('mean', 'var'):
+        assert torch.allclose(one['stats'][k], two['stats'][k], rtol=0, atol=1e-5)
+    for k in ('keys', 'values'):
+        assert torch.allclose(one['prompt'][k], two['prompt'][k], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------ bench.py
+
+def test_bench_smoke(tmp_path, capsys):
+    # tiny ViT so this runs in seconds; every variant must be timed, finite and positive
+    path = tmp_path / 'bench.json'
+    res = bench.main(['--device', 'cpu', '--tiny', '--batch-size', '2', '--repeats', '2', '--json', str(path)])
+    out = capsys.readouterr().out
+    names = ['a', 'b', 'b_ref', 'c', 'd', 'e', 'f']
+    assert set(res['ms']) == set(names)
+    assert all(math.isfinite(v) and v > 0 for v in res['ms'].values())
+    assert all(math.isfinite(v) and v > 0 for v in res['ratios'].values())
+    for k in names:
+        assert any(line.split()[:1] == [k] for line in out.splitlines()), k
+    assert res['fused_vs_ref_max_abs_diff'] < 1e-4
+    assert res['params']['prompt'] == 2 * 4 * 25 * 2 * 24  # layers * heads * experts * (key, value) * head_dim
+    assert json.loads(path.read_text())['ms'] == res['ms']
