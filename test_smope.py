@@ -904,9 +904,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
 # ------------------------------------------------------------ bench.py
 
 def test_bench_smoke(tmp_path, capsys):
-    # tiny ViT so this runs in seconds; every variant must be timed, finite and positive
+    # CI's smoke run of the real ViT-B/16 benchmark: every variant timed, finite and positive
     path = tmp_path / 'bench.json'
-    res = bench.main(['--device', 'cpu', '--tiny', '--batch-size', '2', '--repeats', '2', '--json', str(path)])
+    res = bench.main(['--device', 'cpu', '--quick', '--json', str(path)])
     out = capsys.readouterr().out
     names = ['a', 'b', 'b_ref', 'c', 'd', 'e', 'f']
     assert set(res['ms']) == set(names)
@@ -915,5 +915,5 @@ def test_bench_smoke(tmp_path, capsys):
     for k in names:
         assert any(line.split()[:1] == [k] for line in out.splitlines()), k
     assert res['fused_vs_ref_max_abs_diff'] < 1e-4
-    assert res['params']['prompt'] == 2 * 4 * 25 * 2 * 24  # layers * heads * experts * (key, value) * head_dim
+    assert res['params'] == dict(backbone=85_798_656, prompt=230_400, head=76_900)
     assert json.loads(path.read_text())['ms'] == res['ms']

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -28,7 +29,7 @@ PAPER = {
     ('imagenet-r', 10): dict(batch_size=64, lr=0.0025, router_weight=5e-5, proto_weight=1e-4, eps=0.5, ca_epochs=50, ca_ratio=6, hold=40),
     ('imagenet-r', 20): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=5e-5, eps=0.3, ca_epochs=50, ca_ratio=4, hold=40),
     # the offline demo: small enough for two CPU cores, not a paper setting
-    ('synthetic', 5): dict(batch_size=32, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=10, ca_ratio=1, hold=5, ca_lr=1e-3,
+    ('synthetic', 5): dict(batch_size=32, lr=0.002, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=10, ca_ratio=1, hold=5, ca_lr=1e-3,
                            epochs=4, experts=8, top_k=2, prompt_layers=2, arch='tiny', weights=None),
 }
 TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # the demo's backbone
@@ -276,6 +277,8 @@ def run(args, seed, rank, world, device):
         metrics['acc'].append(row)
         metrics['task_seconds'].append(time.time() - t0)
         metrics['images_per_second'].append(seen_imgs / max(busy, 1e-9))
+        metrics.setdefault('peak_memory_mb', []).append(  # CUDA: this process's peak allocation; CPU: peak RSS
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         metrics.update(summarise(metrics['acc']))
         metrics['usage'] = prompt.usage.tolist()
         log(f'task {t + 1}/{T} done in {time.time() - t0:.0f}s: accuracy per task {" ".join(f"{a:.1f}" for a in row)} | '
