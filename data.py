@@ -31,7 +31,7 @@ class Images:
     num_classes: int
     images: torch.Tensor | None = None  # (N,3,h,w) uint8
     files: list[str] | None = None      # absolute paths
-    _cache: dict = field(default_factory=dict, repr=False)  # device -> images there
+    _cache: dict = field(default_factory=dict, repr=False)  # device -> images there; (size, resize) -> decoded test images
 
     def __len__(self):
         return len(self.labels)
@@ -267,9 +267,20 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
 
     seeds = torch.randint(0, 2 ** 62, (len(idx),), generator=generator) if train else torch.full((len(idx),), -1)
     plan = [list(zip(mine(idx[s:s + batch_size]).tolist(), mine(seeds[s:s + batch_size]).tolist())) for s in starts]
-    loader = iter(torch.utils.data.DataLoader(_Decode(ds.files, S, resize), batch_sampler=[b for b in plan if b],
+    # test images are evaluated after every task: decode each once per run and keep it (uint8, S×S;
+    # ImageNet-R's 6,000 test images take 0.9 GB), decode training images afresh in the workers
+    store = ds._cache.setdefault((S, resize), {}) if not train else None
+    cached = lambda b: store is not None and all(k in store for k, _ in b)
+    loader = iter(torch.utils.data.DataLoader(_Decode(ds.files, S, resize), batch_sampler=[b for b in plan if b and not cached(b)],
                                               num_workers=workers, pin_memory=torch.cuda.is_available()))
     for b in plan:  # a rank whose slice is empty still yields, so all ranks take the same number of steps
-        x = next(loader) if b else torch.empty(0, 3, S, S, dtype=torch.uint8)
+        if not b:
+            x = torch.empty(0, 3, S, S, dtype=torch.uint8)
+        elif cached(b):
+            x = torch.stack([store[k] for k, _ in b])
+        else:
+            x = next(loader)
+            if store is not None:
+                store.update((k, xk.clone()) for (k, _), xk in zip(b, x))
         x = x.to(device, non_blocking=True).float().div_(255)
         yield finish(x), torch.tensor([k for k, _ in b], dtype=torch.long, device=device)

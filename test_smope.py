@@ -608,6 +608,16 @@ def test_imagenet_r_batches(imr_dir):
         img = torchvision.io.decode_image(test.files[0], mode=torchvision.io.ImageReadMode.RGB)
         ref = TF.resize(img, [37] if resize == 'imagenet' else [32, 32])  # 37 = round(32*256/224)
         assert torch.equal(x[0], TF.center_crop(ref, [32, 32]).float() / 255)
+    # test images are decoded once per run: with the files gone, a second pass still gives the same batches
+    first = run(test, False, 2)
+    assert len(test._cache[(32, 'imagenet')]) == len(test)
+    for f in test.files:
+        os.rename(f, f + '.gone')
+    try:
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, run(test, False, 2)))
+    finally:
+        for f in test.files:
+            os.rename(f + '.gone', f)
 
 
 @pytest.mark.skipif(not (SHARED / 'imagenet-r_train.yaml').exists(), reason='no shared/data split lists')
