@@ -82,13 +82,15 @@ class SMoPE(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             q_mean = q.mean(2, dtype=self.keys.dtype)                  # (B, H, d)  all N tokens, CLS included
             s = torch.einsum('bhd,hed->bhe', q_mean, self.keys[i])    # (B, H, E)  Eq. 1, unscaled
-            if self.dense:
+            if self.dense or K == E:  # dense mode (SPEC section 3): every expert, no noise, no router loss
                 selected = torch.ones_like(s, dtype=torch.bool)
             else:
                 rng = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)).detach()  # (B, H, 1)
                 if self.training:  # adaptive noise on the frequently used experts
                     eps = self.eps * self.frequent[i]
-                else:              # released code only: exclude experts no task ever selected (SPEC section 9)
+                elif self.counting:  # usage pass: no exclusion, so the counts say how this task itself routes
+                    eps = s.new_zeros(E)
+                else:                # released code only: exclude experts no task ever selected (SPEC section 9)
                     eps = 2.0 * (self.usage[i] == 0)
                 s_noisy = s.detach() - eps.to(s.dtype) * rng            # (B, H, E)  Eq. 2
                 top = s_noisy.topk(K, dim=-1).indices                   # (B, H, K)

@@ -127,6 +127,41 @@ def test_noise_and_exclusion_change_selection():
     assert (excluded - all_used).abs().max() > 1e-3, "exclusion changed nothing"
 
 
+def test_usage_pass_routes_without_exclusion_and_top_k_equal_experts_is_dense():
+    p = make_prompt()
+    set_state(p)
+    p.eval()
+    q, k, v = qkv(4)
+    with torch.no_grad():
+        p.counting = True
+        counting = p(0, q, k, v)
+        p.counting = False
+        p.usage.fill_(1)
+        assert torch.equal(counting, p(0, q, k, v))
+        full = make_prompt(top_k=E)
+        full.train()
+        full.frequent.fill_(True)
+        sparse_path = full(0, q, k, v)
+        full.dense = True
+        assert torch.equal(sparse_path, full(0, q, k, v)) and full._route == []
+
+
+@pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
+def test_fused_gradients_match_reference(device):
+    """Part of the keys' gradient flows only through the additive bias of SDPA in the fused path."""
+    grads = []
+    for fused in (True, False):
+        p = make_prompt(fused=fused).to(device)
+        set_state(p)
+        p.train()
+        q, k, v = (t.to(device).requires_grad_(True) for t in qkv(3))
+        out = p(0, q, k, v)
+        (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+        grads.append([p.keys.grad, p.values.grad, q.grad, k.grad, v.grad])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 and b.abs().max() > 0
+
+
 def test_eps_zero_is_no_noise():
     p = make_prompt(eps=0.0)
     p.frequent.fill_(True)
