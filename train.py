@@ -366,6 +366,11 @@ def plot(acc, path):
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 1 + 0.5 * T))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
+    ax.set_xticks(range(T), range(1, T + 1))
+    ax.set_yticks(range(T), range(1, T + 1))
+    for t in range(T):
+        for i in range(t + 1):
+            ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', color='w' if acc[t][i] < 60 else 'k', fontsize=8)
     ax.set_xlabel('task evaluated')
     ax.set_ylabel('after training task')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
