@@ -921,6 +921,12 @@ def test_train_bad_inputs(tmp_path, capsys):
     assert train.main(FAST + ['--out', out, '--resume', '--eps', '0.3']) == 2
     assert "eps: checkpoint 0.4, now 0.3" in capsys.readouterr().err
     assert len(json.load(open(os.path.join(out, 'seed0', 'metrics.json')))['acc']) == 1  # kept as it was
+    ckpt = os.path.join(out, 'seed0', 'checkpoint.pt')
+    with open(ckpt, 'wb') as f:
+        f.write(b'not a checkpoint')
+    assert train.main(FAST + ['--out', out, '--resume']) == 2
+    err = capsys.readouterr().err
+    assert 'not a readable checkpoint' in err and err.count('\n') == 1 and open(ckpt, 'rb').read() == b'not a checkpoint'
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

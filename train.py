@@ -178,9 +178,13 @@ def run(args, seed, rank, world, device):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
     start = 0
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        diff = [f"{k}: checkpoint {ck['metrics']['config'].get(k)!r}, now {getattr(args, k)!r}"
-                for k in RESULT_KEYS if ck['metrics']['config'].get(k) != getattr(args, k)]
+        try:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+            config = ck['metrics']['config']
+        except Exception as e:
+            raise ValueError(f'{ckpt_path} is not a readable checkpoint of train.py ({type(e).__name__}): '
+                             'move it away to start over, or choose another --out') from None
+        diff = [f"{k}: checkpoint {config.get(k)!r}, now {getattr(args, k)!r}" for k in RESULT_KEYS if config.get(k) != getattr(args, k)]
         if diff:
             raise ValueError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}): use the same flags or another --out")
         model.prompt.load_state_dict(ck['prompt'])
@@ -390,7 +394,7 @@ def main(argv=None):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     try:
         results = {s: run(args, s, rank, world, device) for s in args.seeds}
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, failed downloads
         print(f'error: {e}', file=sys.stderr)
         return 2
     finally:
