@@ -57,8 +57,8 @@ class SMoPE(nn.Module):
         self.register_buffer('frequent', torch.zeros(layers, heads, experts, dtype=torch.bool))  # U
         self.register_buffer('keys_old', torch.zeros(shape))  # key snapshot for Eq. 6
         self.register_buffer('task', torch.zeros((), dtype=torch.long))  # tasks begun
-        # counts of the running usage pass, kept apart so the pass's own routing (test-time exclusion of
-        # never-used experts) sees only completed tasks and does not depend on batch order or ranks
+        # counts of the running usage pass, kept apart so that distributed runs can sum them over
+        # processes before they join `usage` (end_usage_pass)
         self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)
         self._route = []  # per prompted layer of the last training forward: (s, selected, range)
 
