@@ -458,6 +458,15 @@ def test_bad_weights(tmp_path):
     except ImportError:
         (tmp_path / 'w.safetensors').write_bytes(b'x')
         check_error(ValueError, 'pip install safetensors', m, tmp_path / 'w.safetensors')
+    else:  # the optional format, where the package is installed
+        from safetensors.torch import save_file
+        tv = VisionTransformer(**TV_TINY)
+        save_file(tv.state_dict(), str(tmp_path / 'w.safetensors'))
+        ours, x = load_weights(tiny_ours(), tmp_path / 'w.safetensors'), torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert (ours.eval()(x) - tv_features(tv, x)).abs().max() <= 1e-5
+        (tmp_path / 'bad.safetensors').write_bytes(b'x')
+        check_error(ValueError, 'not a readable safetensors', m, tmp_path / 'bad.safetensors')
 
 
 def test_vit_large_guess(tmp_path):

@@ -106,7 +106,8 @@ def _read(path):
     try:
         sd = load(path)
     except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected a state dict from torch.save") from e
+        what = 'not a readable safetensors file' if path.endswith('.safetensors') else 'not a PyTorch checkpoint'
+        raise ValueError(f"{path}: {what} ({type(e).__name__}); expected a state dict saved with torch.save or safetensors") from e
     for k in ('state_dict', 'model'):  # training checkpoints often wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
