@@ -245,7 +245,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
     S, idx = image_size, idx.cpu()
     if mean is not None:  # (3,) each
         mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
-    finish = lambda x: x if mean is None else (x - mean) / std
+    finish = lambda x: x if mean is None else x.sub_(mean).div_(std)  # x is always a fresh tensor
     mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
     if train:
         idx = idx[torch.randperm(len(idx), generator=generator)]
