@@ -172,7 +172,7 @@ def run(args, seed, rank, world, device):
     gen, ca_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
     stats = dict(mean=torch.zeros(C, vit.width, dtype=torch.float64, device=device),
                  var=torch.zeros(C, vit.width, dtype=torch.float64, device=device))
-    metrics = dict(acc=[], task_seconds=[], images_per_second=[], config={k: getattr(args, k) for k in RESULT_KEYS},
+    metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], config={k: getattr(args, k) for k in RESULT_KEYS},
                    seed=seed, world_size=world, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    prompt_params=prompt.keys.numel() + prompt.values.numel())
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
@@ -251,7 +251,7 @@ def run(args, seed, rank, world, device):
         # usage pass (SPEC section 5), then class statistics (section 6.4) with the new counts, as at test time;
         # the released code feeds training-augmented images to both; we follow it (--no-augment turns it off)
         model.eval()
-        sums = torch.zeros(3, C, vit.width, dtype=torch.float64, device=device)  # sum f, sum f^2, count
+        sums = torch.zeros(2, C, vit.width, dtype=torch.float64, device=device)  # sum f, sum f^2
         with torch.no_grad():
             for counting in (True, False):
                 prompt.counting = counting
@@ -264,12 +264,11 @@ def run(args, seed, rank, world, device):
                         y = y_train[i]
                         sums[0].index_add_(0, y, f)
                         sums[1].index_add_(0, y, f * f)
-                        sums[2].index_add_(0, y, torch.ones_like(f))
                 if counting:
                     all_sum(prompt.hits, world)
                     prompt.end_usage_pass()
         all_sum(sums, world)
-        n = sums[2, lo:hi].clamp(min=1)
+        n = torch.bincount(y_train[idx.to(device)], minlength=hi)[lo:hi, None].clamp(min=1)  # images per class, all ranks
         stats['mean'][lo:hi] = sums[0, lo:hi] / n
         stats['var'][lo:hi] = (sums[1, lo:hi] / n - stats['mean'][lo:hi] ** 2).clamp(min=0)  # population variance
 
@@ -283,7 +282,7 @@ def run(args, seed, rank, world, device):
         metrics['acc'].append(row)
         metrics['task_seconds'].append(time.time() - t0)
         metrics['images_per_second'].append(seen_imgs / max(busy, 1e-9))
-        metrics.setdefault('peak_memory_mb', []).append(  # CUDA: this process's peak allocation; CPU: peak RSS
+        metrics['peak_memory_mb'].append(  # CUDA: this process's peak allocation; CPU: peak RSS
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         metrics.update(summarise(metrics['acc']))
         metrics['usage'] = prompt.usage.tolist()
