@@ -7,10 +7,10 @@ key/value pair (P^K_j, P^V_j) living directly in that head's key/value space. Pe
 score (mean query . key) picks the top-K experts, which join the tokens in the head's softmax, so one
 forward pass suffices. Equation numbers refer to SPEC.md (the project's algorithm reference).
 
-Wiring it into any ViT-style attention (vit.py does exactly this): in block i < prompt.layers, after
-computing the per-head q, k, v of shape (B, H, N, d), call `out = prompt(i, q, k, v)` instead of
-`scaled_dot_product_attention(q, k, v)`, then merge heads and project as usual. After the forward,
-`prompt.router_loss()` gives Eq. 5 for that forward; `prompt.prototype_loss()` gives Eq. 6.
+Wiring: `attach(vit, prompt)` routes the first prompt.layers attention layers of a timm-style ViT (ours in
+vit.py is one) or of torchvision's VisionTransformer through the prompt: in block i, `prompt(i, q, k, v)`
+with the per-head q, k, v of shape (B, H, N, d) replaces `scaled_dot_product_attention(q, k, v)`. After a
+forward, `prompt.router_loss()` gives Eq. 5 for that forward; `prompt.prototype_loss()` gives Eq. 6.
 
 The training loop drives the state:
     prompt.begin_task()          # before each task: grows the frequently-used set U, snapshots keys
@@ -21,6 +21,7 @@ Everything the method remembers between tasks (usage counts F, the set U, the ke
 so state_dict() saves it. (The released code keeps it in plain attributes and loses it: SPEC section 9.)
 """
 import math
+import types
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,9 @@ class SMoPE(nn.Module):
         self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)
         self._route = []  # per prompted layer of the last training forward: (s, selected, range)
 
+    def __getstate__(self):  # copies and pickles skip the last forward's routing (it holds autograd graphs)
+        return {**self.__dict__, '_route': []}
+
     def begin_task(self):
         """Call before training each task. From task 2 on: U gains every expert whose count reaches the
         mean count of the experts used so far (per layer and head; the released code's threshold, SPEC
@@ -78,10 +82,11 @@ class SMoPE(nn.Module):
         """Prompted attention of layer i. q, k, v: (B, H, N, d) -> (B, H, N, d)."""
         B, H, N, d = q.shape
         E, K = self.experts, self.top_k
-        # routing in the prompt's dtype (fp32) even under bf16 autocast: top-K of near-tied bf16 scores is noise
+        # routing in the prompt's dtype (fp32) even under autocast: top-K of near-tied bf16 scores is noise
         with torch.autocast(q.device.type, enabled=False):
             q_mean = q.mean(2, dtype=self.keys.dtype)                  # (B, H, d)  all N tokens, CLS included
-            s = torch.einsum('bhd,hed->bhe', q_mean, self.keys[i])    # (B, H, E)  Eq. 1, unscaled
+            # (B, H, E) Eq. 1, unscaled; a product and a sum, not a matmul that TF32 would round
+            s = (q_mean.unsqueeze(2) * self.keys[i]).sum(-1)
             if self.dense or K == E:  # dense mode (SPEC section 3): every expert, no noise, no router loss
                 selected = torch.ones_like(s, dtype=torch.bool)
             else:
@@ -110,11 +115,16 @@ class SMoPE(nn.Module):
                 lse = g.logsumexp(-1)                                   # (B, H)
                 pv = torch.einsum('bhe,hed->bhd', g.softmax(-1), self.values[i])  # (B, H, d)
         if self.fused:
-            # the extra key is zero, so its logit q.0 = 0 plus the additive bias lse
-            k = torch.cat([k.new_zeros(B, H, 1, d), k], 2)              # (B, H, N+1, d)
-            v = torch.cat([pv.to(v.dtype).unsqueeze(2), v], 2)          # (B, H, N+1, d)
-            bias = F.pad(lse.to(q.dtype).view(B, H, 1, 1), (0, N))      # (B, H, 1, N+1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            # The merged column's logit enters through one extra key dimension met by a constant 1 in every
+            # query, not as a float mask: flash attention takes no mask and CPU's fused kernel none that needs
+            # a gradient, so SDPA keeps a fused kernel forward and backward. 8 extra dims keep head dims x8.
+            q2 = F.pad(q, (0, 8))                                       # (B, H, N, d+8)
+            q2[..., d] = 1
+            k2 = F.pad(k, (0, 8, 1, 0))                                 # (B, H, 1+N, d+8)  row 0: merged key
+            k2[:, :, 0, d] = lse * math.sqrt(d)                         # so that its logit is exactly lse
+            v2 = F.pad(v, (0, 8, 1, 0))                                 # fused kernels want equal head dims
+            v2[:, :, 0, :d] = pv
+            return F.scaled_dot_product_attention(q2, k2, v2, scale=1 / math.sqrt(d))[..., :d]
         # Eq. 3 written out: every token attends over [selected experts ; all tokens]
         logits = torch.cat([g.to(q.dtype).unsqueeze(2).expand(B, H, N, E),
                             q @ k.transpose(-2, -1) / math.sqrt(d)], -1)  # (B, H, N, E+N)
@@ -152,3 +162,75 @@ class SMoPE(nn.Module):
     def usage_shares(self):
         """Fraction of top-K hits per expert, (L, H, E): a quick view of which experts each head uses."""
         return self.usage.double() / self.usage.sum(-1, keepdim=True).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# attach: the same wiring inside other people's ViTs
+
+def attach(model, prompt):
+    """Route the first `prompt.layers` attention layers of `model` through `prompt`, so that the model's own
+    forward runs SMoPE; returns the model. Understands timm-style ViTs (`blocks[i].attn` with `qkv`,
+    `num_heads`, `proj`, and where present `q_norm`, `k_norm`, `norm`, `attn_drop`, `proj_drop`; vit.ViT is
+    one) and torchvision's VisionTransformer (`encoder.layers[i].self_attention`, an nn.MultiheadAttention).
+    The prompt becomes `model.smope`, so model.to(), .train() and .eval() reach it: freeze the backbone
+    BEFORE attaching. Attaching again replaces the previous prompt; attach(model, None) removes it."""
+    if hasattr(model, 'blocks'):
+        attns, forward = [b.attn for b in model.blocks], _timm_attention
+    elif hasattr(getattr(model, 'encoder', None), 'layers'):
+        attns, forward = [b.self_attention for b in model.encoder.layers], _torchvision_attention
+    else:
+        raise ValueError(f'attach: {type(model).__name__} has neither blocks[i].attn (timm-style ViT) nor '
+                         'encoder.layers[i].self_attention (torchvision VisionTransformer)')
+    layers = 0 if prompt is None else prompt.layers
+    if len(attns) < layers:
+        raise ValueError(f'attach: the prompt has {layers} layers, {type(model).__name__} {len(attns)} blocks')
+    for i, a in enumerate(attns[:layers]):
+        found, want = _shape(a), (prompt.heads, prompt.head_dim, 0.0)
+        if found != want:  # dropout too: the merged expert column (Section 3) cannot drop single experts
+            raise ValueError(f'attach: block {i} attention ({type(a).__name__}) has (heads, head dim, dropout) '
+                             f'{found}; the prompt needs {want}')
+    for i, a in enumerate(attns):
+        a.__dict__.pop('forward', None)  # undo a previous attach
+        a.__dict__.pop('smope_layer', None)
+        if i < layers:
+            a.forward, a.smope_layer = types.MethodType(forward, a), (prompt, i)
+    if prompt is None:
+        model._modules.pop('smope', None)
+    else:
+        model.smope = prompt
+    return model
+
+
+def _shape(a):  # (heads, head dim, attention dropout) of an attention attach can route, else what it lacks
+    if isinstance(a, nn.MultiheadAttention):
+        return (a.num_heads, a.head_dim, float(a.dropout)) if a.batch_first else 'batch_first=False'
+    if not (isinstance(getattr(a, 'qkv', None), nn.Linear) and hasattr(a, 'proj') and hasattr(a, 'num_heads')):
+        return 'no qkv Linear, num_heads and proj'
+    if getattr(a, 'gate', None) is not None:  # timm's gated attention: not a plain prefix-tuning target
+        return 'an output gate'
+    return a.num_heads, a.qkv.out_features // (3 * a.num_heads), float(getattr(getattr(a, 'attn_drop', 0), 'p', 0))
+
+
+def _heads(qkv, B, N, H):  # (B, N, 3 * H * d) -> q, k, v, each (B, H, N, d); rows [q; k; v] as timm and torchvision
+    return qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)
+
+
+def _timm_attention(self, x, attn_mask=None, is_causal=False):
+    prompt, i = self.smope_layer
+    if attn_mask is not None or is_causal:
+        raise ValueError('SMoPE attention is self-attention without masks')
+    B, N, _ = x.shape
+    q, k, v = _heads(self.qkv(x), B, N, self.num_heads)
+    q, k = getattr(self, 'q_norm', nn.Identity())(q), getattr(self, 'k_norm', nn.Identity())(k)
+    x = getattr(self, 'norm', nn.Identity())(prompt(i, q, k, v).transpose(1, 2).reshape(B, N, -1))
+    return getattr(self, 'proj_drop', nn.Identity())(self.proj(x))
+
+
+def _torchvision_attention(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                           average_attn_weights=True, is_causal=False):
+    prompt, i = self.smope_layer
+    if not query is key is value or key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise ValueError('SMoPE attention is self-attention without masks')
+    B, N, W = query.shape
+    q, k, v = _heads(F.linear(query, self.in_proj_weight, self.in_proj_bias), B, N, self.num_heads)
+    return self.out_proj(prompt(i, q, k, v).transpose(1, 2).reshape(B, N, W)), None
