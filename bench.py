@@ -4,6 +4,7 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py                         # cuda if available, batch 64
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
+    python bench.py --pipeline               # images/s of the ImageNet-R input pipeline alone, per worker count
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
@@ -12,21 +13,26 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   d      two-pass baseline: query forward + prompted forward (L2P / DualPrompt / HiDe)
   e      SMoPE training step: forward, CE + router + prototype loss, backward, AdamW
   f      training limit: frozen forward + backward through all blocks, activation gradients only
+--pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device)
+on JPEGs of ImageNet-R's sizes generated on the spot, for each worker count, and checks that every worker
+count yields the same batches.
 """
 import argparse
 import copy
 import json
+import os
 import pathlib
 import platform
 import resource
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smope import SMoPE
+from smope import SMoPE, attach
 from vit import ViT
 
 
@@ -35,23 +41,28 @@ def parse_args(argv=None):
     a = p.add_argument
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     a('--precision', default='fp32', choices=['fp32', 'bf16'])
-    a('--batch-size', type=int, default=None, help='64 on cuda, 8 on cpu')
+    a('--batch-size', type=int, default=None, help='64 on cuda and for --pipeline, 8 on cpu')
     a('--compile', action='store_true', help='torch.compile the ViT')
     a('--repeats', type=int, default=10, help='timed rounds; medians are reported')
     a('--warmup', type=int, default=None, help='untimed rounds first (2 on cuda, 1 on cpu)')
     a('--threads', type=int, default=None, help='torch.set_num_threads; 1 is the steadiest on a shared CPU host')
     a('--quick', action='store_true', help='batch 2, 3 repeats, 1 warm-up round')
     a('--json', default=None, help='write the results here')
+    a('--pipeline', action='store_true', help='time the ImageNet-R input pipeline instead of the model')
+    a('--images', type=int, default=512, help='--pipeline: generated JPEGs, 300-500 px sides')
+    a('--workers', type=int, nargs='+', default=None, help='--pipeline: worker counts (0, 1, cores - 1)')
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 3, args.warmup or 1
-    args.batch_size = args.batch_size or (64 if args.device == 'cuda' else 8)
+    args.batch_size = args.batch_size or (64 if args.device == 'cuda' or args.pipeline else 8)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.pipeline:
+        return pipeline(args)
     dev, cuda = torch.device(args.device), args.device == 'cuda'
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
@@ -77,17 +88,19 @@ def main(argv=None):
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
 
     with torch.no_grad():  # exactness, once, in fp32: the fused kernel must reproduce Eq. 3 written out
-        diff = (vit(x, prompt) - vit(x, ref)).abs().max().item()
+        diff = (attach(vit, prompt)(x) - attach(vit, ref)(x)).abs().max().item()
 
     @torch.no_grad()
     def infer(p):
+        attach(vit, p)  # p None: the bare ViT
         with autocast():
-            return vit(x, p)
+            return vit(x)
 
     def train_step():
+        attach(vit, train_prompt)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            logits = head(vit(x, train_prompt)).float()
+            logits = head(vit(x)).float()
             loss = (F.cross_entropy(logits, y) + 1e-5 * train_prompt.router_loss()
                     + 1e-5 * train_prompt.prototype_loss())
         loss.backward()
@@ -97,6 +110,7 @@ def main(argv=None):
         # Only the input requires grad: autograd runs the activation backward through all blocks, no weight
         # gradients, as SMoPE's backward must down to block 0 where its first prompt lives. It overshoots a
         # little (block 0's qkv and the patch conv get input gradients too), so e/f errs on the low side.
+        attach(vit, None)
         with autocast():
             loss = vit(x.detach().requires_grad_(True)).float().square().mean()
         loss.backward()
@@ -145,6 +159,47 @@ def main(argv=None):
     # epochs; forward only: usage and statistics passes (2 x 50,000) and evaluation (1,000 x (1 + ... + 10)).
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
     print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def pipeline(args):
+    """Images/s of data.batches alone on ImageNet-R-like JPEGs, training mode, batch 64 unless --batch-size."""
+    import data  # only this mode needs the data pipeline
+    from torchvision.io import write_jpeg
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    workers = args.workers or sorted({0, 1, max(1, cores - 1)})
+    B = args.batch_size
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for k in range(args.images):  # smooth colour fields plus grain: JPEG sizes like real renditions'
+            h, w = torch.randint(300, 501, (2,), generator=g).tolist()
+            img = F.interpolate(torch.rand(1, 3, 6, 6, generator=g) * 255, size=(h, w), mode='bicubic')[0]
+            img = (img + 12 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
+            files.append(os.path.join(tmp, f'{k}.jpg'))
+            write_jpeg(img, files[-1], quality=90)
+        kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
+        ds = data.Images(torch.zeros(len(files), dtype=torch.long), 1, files=files)
+        rates, sums = {}, {}
+        for n in workers:
+            t0, seen, sums[n] = time.perf_counter(), 0, []
+            for x, _ in data.batches(ds, torch.arange(len(files)), B, True, torch.Generator().manual_seed(1),
+                                     args.device, mean=(0.5,) * 3, std=(0.5,) * 3, resize='imagenet', workers=n,
+                                     drop_last=True):
+                seen, _ = seen + len(x), sums[n].append(x.double().sum().item())
+            if args.device == 'cuda':
+                torch.cuda.synchronize()
+            rates[n] = seen / (time.perf_counter() - t0)
+    same = all(sums[n] == sums[workers[0]] for n in workers)
+    res = dict(cores=cores, batch_size=B, images=len(files), mean_jpeg_kb=kb, images_per_s=rates,
+               same_batches_for_every_worker_count=same, torch=torch.__version__)
+    print(f'input pipeline, {len(files)} JPEGs of 300-500 px ({kb:.0f} KB on average), batch {B}, '
+          f'{cores} cores, training transform, {args.device}:')
+    for n, v in rates.items():
+        print(f'  workers {n:>2}: {v:7.1f} images/s')
+    print(f'same batches for every worker count: {same}')
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res

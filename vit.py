@@ -1,4 +1,6 @@
-"""Plain ViT (timm parameter names) with a per-block attention hook for prompts; loads torchvision/timm weights."""
+"""Plain ViT with timm's parameter and attribute names (smope.attach routes its attention through a prompt);
+loads torchvision weights, timm checkpoints and the released code's backbones by name (SPEC section 7)."""
+import hashlib
 import math
 import os
 import re
@@ -10,15 +12,14 @@ import torch.nn.functional as F
 class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads
         self.qkv = nn.Linear(width, 3 * width)  # rows [q; k; v], heads contiguous in each
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, i, prompt=None):
+    def forward(self, x):
         B, N, W = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B,H,N,d) each
-        o = prompt(i, q, k, v) if (prompt is not None and i < prompt.layers) else F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(B, N, W))
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,N,d) each
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W))
 
 
 class Mlp(nn.Module):
@@ -39,8 +40,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, mlp_dim)
 
-    def forward(self, x, i, prompt=None):
-        x = x + self.attn(self.norm1(x), i, prompt)
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -51,6 +52,7 @@ class ViT(nn.Module):
         self.image_size, self.patch_size, self.width, self.depth, self.heads = image_size, patch_size, width, depth, heads
         self.head_dim = width // heads
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # input normalisation the weights expect
+        self.weights_sha256 = None  # of the weights file loaded (load_weights)
         n = (image_size // patch_size) ** 2
         self.patch_embed = nn.Module()  # a bare container so the conv is named patch_embed.proj like timm
         self.patch_embed.proj = nn.Conv2d(3, width, patch_size, patch_size)
@@ -59,20 +61,33 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
-    def forward(self, x, prompt=None):
+    def forward(self, x):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B,n,W)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B,1+n,W)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, i, prompt)
+        for blk in self.blocks:
+            x = blk(x)
         return self.norm(x[:, 0])  # (B,W)
 
 
-def vit_b_16(weights=None, image_size=224):
-    return load_weights(ViT(image_size=image_size), weights)
+def vit_b_16(weights=None, image_size=224, download=True):
+    return load_weights(ViT(image_size=image_size), weights, download)
 
 
 # -----------------------------------------------------------------------------
-# checkpoint loading
+# weights: by name (downloaded once into torch's hub cache) or from a file
+
+IMAGENET, HALF = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)  # (mean, std)
+# SPEC section 7: the released code's backbones, all in timm's key layout. No checksums are published for them,
+# so the sha256 of the file actually read is reported instead. name: (url, file in the hub cache, normalisation)
+HF = 'https://huggingface.co/timm/vit_base_patch16_224.{}/resolve/main/pytorch_model.bin'
+BACKBONES = {
+    'sup21k': (HF.format('augreg_in21k'), 'vit_base_patch16_224.augreg_in21k.bin', HALF),
+    'sup1k': (HF.format('augreg2_in21k_ft_in1k'), 'vit_base_patch16_224.augreg2_in21k_ft_in1k.bin', HALF),
+    'dino1k': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+               'dino_vitbase16_pretrain.pth', IMAGENET),
+    'ibot1k': ('https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/'
+               'checkpoint_teacher.pth', 'ibot_vitb16_checkpoint_teacher.pth', IMAGENET),  # under 'state_dict'
+}
 
 _TV_TO_OURS = [  # applied in order to every torchvision key
     (r'^conv_proj\.', 'patch_embed.proj.'), (r'^class_token$', 'cls_token'),
@@ -87,9 +102,46 @@ def _tv_weights(name):
     """torchvision enum name -> (enum member, mean, std), without downloading anything."""
     from torchvision.models import ViT_B_16_Weights as W
     if name not in W.__members__:
-        raise ValueError(f"unknown weights {name!r}: use None, a checkpoint path, or one of {', '.join(W.__members__)}")
+        raise ValueError(f"unknown weights {name!r}: use None, a checkpoint path, one of {', '.join(BACKBONES)}, "
+                         f"or one of {', '.join(W.__members__)}")
     t = W[name].transforms()
     return W[name], tuple(t.mean), tuple(t.std)
+
+
+def resolve(weights, download=True):
+    """weights name or path -> (local file, (mean, std) or None to go by the key layout, sha256 prefix or None)."""
+    if weights in BACKBONES:
+        url, name, norm = BACKBONES[weights]
+        return cached(url, name, download), norm, None
+    if not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights:
+        enum, mean, std = _tv_weights(weights)
+        name = os.path.basename(enum.url)  # e.g. vit_b_16-c867db91.pth: torch.hub's sha256-prefix convention
+        prefix = re.search(r'-([0-9a-f]{6,})\.', name)
+        return cached(enum.url, name, download, prefix and prefix[1]), (mean, std), prefix and prefix[1]
+    return weights, None, None
+
+
+def cached(url, name, download, hash_prefix=None):
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if os.path.isfile(path):
+        return path
+    if not download:
+        raise FileNotFoundError(f'{path} not found and downloads are off (--no-download): fetch {url} to that path')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:  # torch.hub writes a temporary file beside the target and renames it once complete (and hash-checked)
+        torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=True)
+    except Exception as e:
+        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
+                      "or fetch the file to that path yourself") from None
+    return path
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read(path):
@@ -118,7 +170,8 @@ def _read(path):
 
 def _to_ours(sd, src):
     """torchvision or timm key layout -> ours (= timm), classifier heads dropped."""
-    sd = {k.removeprefix('module.'): v for k, v in sd.items() if torch.is_tensor(v)}  # module.: DDP-saved files
+    # module.: DDP-saved files; backbone.: self-supervised teachers
+    sd = {re.sub(r'^(module\.|backbone\.)+', '', k): v for k, v in sd.items() if torch.is_tensor(v)}
     if 'conv_proj.weight' in sd or any(k.startswith('encoder.layers.') for k in sd):
         layout = 'torchvision'
         for pat, rep in _TV_TO_OURS:
@@ -149,19 +202,20 @@ def _guess(sd):
     return f"looks like {name}/{w.shape[-1]} (width {w.shape[0]}, {depth} blocks)"
 
 
-def load_weights(model, weights):
-    """weights: None (keep random init) | torchvision enum name | checkpoint path. Strict; model untouched on error."""
+def load_weights(model, weights, download=True):
+    """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path. Sets model.mean,
+    model.std (the input normalisation the weights expect) and model.weights_sha256 (of the file read). Strict; the
+    model is untouched on error."""
     if weights is None:
         return model
     weights = os.fspath(weights)
-    if not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights:
-        enum, mean, std = _tv_weights(weights)
-        sd = enum.get_state_dict(progress=True)
-    else:
-        sd, mean, std = _read(weights), None, None
-    sd, layout = _to_ours(sd, weights)
-    if mean is None:  # torchvision trains with ImageNet statistics, timm's augreg ViTs with 0.5/0.5
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if layout == 'torchvision' else ((0.5,) * 3,) * 2
+    path, norm, prefix = resolve(weights, download)
+    digest = sha256(path) if os.path.isfile(path) else None
+    if prefix and not digest.startswith(prefix):
+        raise ValueError(f'{path}: sha256 {digest} does not start with the {prefix} of its name (a corrupt download?): '
+                         'delete it to download it again')
+    sd, layout = _to_ours(_read(path), weights)
+    mean, std = norm or (IMAGENET if layout == 'torchvision' else HALF)  # timm's augreg ViTs train with 0.5/0.5
     ours = model.state_dict()
     pe, want = sd.get('pos_embed'), ours['pos_embed'].shape
     if pe is not None and pe.dim() == 3 and pe.shape != want and pe.shape[2] == want[2]:
@@ -174,5 +228,5 @@ def load_weights(model, weights):
         raise ValueError(f"{weights}: {layout} checkpoint does not fit ViT(width={model.width}, depth={model.depth}, "
                          f"patch={model.patch_size}): {'; '.join(bad[:4])}{more}; {_guess(sd)}; build a ViT to match")
     model.load_state_dict(sd, strict=True)
-    model.mean, model.std = tuple(mean), tuple(std)
+    model.mean, model.std, model.weights_sha256 = tuple(mean), tuple(std), digest
     return model
