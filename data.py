@@ -4,13 +4,14 @@ every rank, so runs are reproducible, resumable and independent of the number of
 import hashlib
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torchvision import datasets
-from torchvision.datasets.utils import download_and_extract_archive, download_url
+from torchvision.datasets.utils import extract_archive
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -19,7 +20,10 @@ IMR_MD5 = 'a61312130a589d0ca1a8fca1f2bd3337'
 SPLIT_URL = 'https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/main/dataloaders/splits/imagenet-r_{}.yaml'
 SPLIT_SHA256 = {'train': '6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a37844421a0b845',
                 'test': '57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a'}
-NAMES = ('cifar100', 'imagenet-r', 'synthetic')
+CUB_URL = 'https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1'
+CUB_MD5 = '97eceeb196236b17998738112f37df78'
+CUB_FILES = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt')
+NAMES = ('cifar100', 'imagenet-r', 'cub200', 'synthetic')
 # torchvision 0.29 deprecates its decoders (in favour of torchcodec) and warns on every image
 warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities', DeprecationWarning)
 
@@ -44,22 +48,29 @@ class Images:
 # -----------------------------------------------------------------------------
 # datasets
 
-def load(name, data_dir='data', download=False, split='fixed', seed=0):
+def load(name, data_dir='data', download=True, split='fixed', seed=0):
+    """(train, test) Images of a benchmark; a missing data set is downloaded unless download=False."""
     if name not in NAMES:
         raise ValueError(f'unknown dataset {name!r}: choose one of {", ".join(NAMES)}')
     if name == 'cifar100':
         return cifar100(data_dir, download)
+    if name == 'cub200':
+        return cub200(data_dir, download)
     return imagenet_r(data_dir, download, split, seed) if name == 'imagenet-r' else synthetic(seed=seed)
 
 
 def cifar100(data_dir, download):
-    try:
-        sets = [datasets.CIFAR100(root=data_dir, train=train, download=download) for train in (True, False)]
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-        if download:
-            raise
-        raise ValueError(f'CIFAR-100 not found or corrupted under {data_dir}: '
-                         'pass --download (or put cifar-100-python/ there)') from None
+    C, root = datasets.CIFAR100, Path(data_dir).resolve()
+    if not (root / C.base_folder).is_dir():
+        if not download:
+            raise ValueError(f'CIFAR-100 not found: expected {root / C.base_folder}/ holding train, test and meta '
+                             f'(torchvision\'s layout); run without --no-download to fetch {C.url}')
+        fetch_archive(C.url, root, C.filename, C.base_folder, md5=C.tgz_md5)
+    try:  # torchvision checks each file's md5
+        sets = [C(root=str(root), train=train, download=False) for train in (True, False)]
+    except RuntimeError:
+        raise ValueError(f'{root / C.base_folder} is incomplete or corrupted (md5 of train, test or meta): '
+                         'delete it to download it again') from None
     # .data is (N,32,32,3) uint8 -> (N,3,32,32)
     return tuple(Images(torch.tensor(d.targets), 100, images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous())
                  for d in sets)
@@ -72,8 +83,9 @@ def imagenet_r(data_dir, download, split, seed):
     root = data_dir / 'imagenet-r'
     if not root.is_dir():
         if not download:
-            raise ValueError(f'ImageNet-R not found under {data_dir}: pass --download (fetches {IMR_URL})')
-        download_and_extract_archive(IMR_URL, str(data_dir), md5=IMR_MD5)
+            raise ValueError(f'ImageNet-R not found: expected {root}/<wnid>/<image>.jpg (200 class folders); '
+                             f'run without --no-download to fetch {IMR_URL}')
+        fetch_archive(IMR_URL, data_dir, 'imagenet-r.tar', 'imagenet-r', md5=IMR_MD5)
     if split == 'random':
         return random_split(root, seed)
     parts = []
@@ -81,16 +93,49 @@ def imagenet_r(data_dir, download, split, seed):
         path, url = data_dir / f'imagenet-r_{part}.yaml', SPLIT_URL.format(part)
         if not path.exists():
             if not download:
-                raise ValueError(f'{path} not found: pass --download (fetches {url})')
-            fetch(url, path, SPLIT_SHA256[part])
+                raise ValueError(f'{path} not found (the released {part} split list): run without --no-download '
+                                 f'to fetch {url}, or use --split random')
+            fetch(url, path, sha256=SPLIT_SHA256[part])
         files, labels = read_split(path)
         # listed as data/imagenet-r/<wnid>/<file>.jpg, relative to the released code's root
-        files = [str(data_dir / f.removeprefix('data/')) for f in files]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise ValueError(f'{len(missing)} files listed in {path} are missing, e.g. {missing[0]}')
-        parts.append((files, torch.tensor(labels)))
+        parts.append(_existing([str(data_dir / f.removeprefix('data/')) for f in files], labels, path))
     C = 1 + max(int(y.max()) for _, y in parts)
+    return tuple(Images(y, C, files=f) for f, y in parts)
+
+
+def _existing(files, labels, listed_in):
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f'{len(missing)} files listed in {listed_in} are missing, e.g. {missing[0]}')
+    return files, torch.tensor(labels)
+
+
+def cub200(data_dir, download):
+    """CUB-200-2011 with its official split (SPEC section 7): label = class id - 1, paths from images.txt."""
+    root = Path(data_dir).resolve() / 'CUB_200_2011'
+    if not root.is_dir():
+        if not download:
+            raise ValueError(f'CUB-200-2011 not found: expected {root}/ holding {", ".join(CUB_FILES)} and '
+                             f'images/<class>/<image>.jpg; run without --no-download to fetch {CUB_URL}')
+        fetch_archive(CUB_URL, root.parent, 'CUB_200_2011.tgz', 'CUB_200_2011', md5=CUB_MD5)
+    cols = []  # per file: image id -> its value
+    for name in CUB_FILES:
+        path = root / name
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+        if not rows or any(len(r) != 2 for r in rows):
+            raise ValueError(f'{path}: missing, empty or not "<image id> <value>" per line (CUB-200-2011 layout)')
+        cols.append(dict(rows))
+    paths, classes, is_train = cols
+    if not paths.keys() == classes.keys() == is_train.keys():
+        raise ValueError(f'{root}: {", ".join(CUB_FILES)} do not list the same image ids')
+    if not all(c.isdigit() and int(c) >= 1 for c in classes.values()) or set(is_train.values()) - {'0', '1'}:
+        raise ValueError(f'{root}: class ids must be whole numbers from 1 and train/test flags 0 or 1')
+    parts = []
+    for flag in ('1', '0'):  # 1 = train
+        ids = [i for i in paths if is_train[i] == flag]
+        parts.append(_existing([str(root / 'images' / paths[i]) for i in ids], [int(classes[i]) - 1 for i in ids],
+                               root / 'images.txt'))
+    C = max(int(c) for c in classes.values())
     return tuple(Images(y, C, files=f) for f, y in parts)
 
 
@@ -103,22 +148,52 @@ def read_split(path):
     return [s[2:].strip() for s in lines[1:k]], [int(s[2:]) for s in lines[k + 1:]]
 
 
-def verify(path, expected):
-    h = hashlib.sha256()
+def checksum(path, algorithm='sha256'):
+    h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    if (got := h.hexdigest()) != expected:
-        raise ValueError(f'{path}: sha256 {got} does not match the expected {expected}')
+    return h.hexdigest()
 
 
-def fetch(url, path, expected):
-    # torchvision checks md5 only; download beside the target and rename once the sha256 is right
-    tmp = Path(str(path) + '.part')
-    tmp.unlink(missing_ok=True)  # our own leftover from a failed fetch: download_url would keep it
-    download_url(url, str(tmp.parent), filename=tmp.name)
-    verify(tmp, expected)
+def verify(path, expected, algorithm='sha256'):
+    if (got := checksum(path, algorithm)) != expected:
+        raise ValueError(f'{path}: {algorithm} {got} does not match the expected {expected}')
+
+
+def fetch(url, path, md5=None, sha256=None):
+    """Download url to path through path.part, checked before it is renamed: a failed, interrupted or corrupt
+    download never leaves a file under the real name (nor, failing, a .part)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.part')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        if md5 or sha256:
+            verify(tmp, md5 or sha256, 'md5' if md5 else 'sha256')
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, or "
+                      "fetch the file there yourself") from None
     os.replace(tmp, path)
+
+
+def fetch_archive(url, data_dir, archive, folder, md5):
+    """Download data_dir/archive unless it is there, then unpack it so that data_dir/folder appears whole or not
+    at all: the archive is extracted into a hidden folder first and its `folder` moved into place."""
+    data_dir = Path(data_dir)
+    if not (data_dir / archive).is_file():
+        fetch(url, data_dir / archive, md5=md5)
+    tmp = data_dir / f'.{folder}.unpacking'
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        extract_archive(str(data_dir / archive), str(tmp))
+        os.replace(tmp / folder, data_dir / folder)
+    except Exception as e:
+        raise ValueError(f'{data_dir / archive} did not unpack into {folder}/ ({" ".join(str(e).split())}): '
+                         'delete it to download it again') from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def random_split(root, seed, test_frac=0.2):
@@ -239,7 +314,9 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=None, std=None,
-            resize='cifar', rank=0, world=1, workers=2):
+            resize='cifar', rank=0, world=1, workers=2, drop_last=False):
+    """Yields (images (b,3,S,S) float, dataset indices (b,)) of this rank's share of each global batch; train:
+    shuffled and augmented, drop_last: full global batches only (SPEC section 6)."""
     if resize not in ('cifar', 'imagenet'):
         raise ValueError(f"unknown resize {resize!r}: choose 'cifar' or 'imagenet'")
     S, idx = image_size, idx.cpu()
@@ -249,7 +326,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
     mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
     if train:
         idx = idx[torch.randperm(len(idx), generator=generator)]
-    starts = range(0, len(idx), batch_size)
+    starts = range(0, len(idx) - (batch_size - 1 if drop_last else 0), batch_size)
 
     if ds.files is None:
         H, W = ds.images.shape[2:]
