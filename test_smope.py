@@ -1,5 +1,6 @@
 """Tests of the SMoPE project, CPU only, nothing downloaded: `python3 -m pytest -q test_smope.py`.
 Sections: smope.py, vit.py, data.py, train.py (torchrun included), bench.py."""
+import contextlib
 import hashlib
 import json
 import math
@@ -8,6 +9,7 @@ import pickle
 import random
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ import bench
 import data
 import train
 import vit
-from smope import SMoPE
+import smope
+from smope import SMoPE, attach
 from vit import ViT, load_weights
 
 # torchvision 0.29 deprecates its image decoders, which the ImageNet-R tests use
@@ -148,7 +151,7 @@ def test_usage_pass_routes_without_exclusion_and_top_k_equal_experts_is_dense():
 
 @pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
 def test_fused_gradients_match_reference(device):
-    """Part of the keys' gradient flows only through the additive bias of SDPA in the fused path."""
+    """Part of the keys' gradient flows only through the merged key's extra dimension in the fused path."""
     grads = []
     for fused in (True, False):
         p = make_prompt(fused=fused).to(device)
@@ -432,10 +435,10 @@ def test_pos_embed_resize(tmp_path):
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
 
 
-def check_error(exc, match, model, weights):
+def check_error(exc, match, model, weights, **kw):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(exc, match=match) as e:
-        load_weights(model, weights)
+        load_weights(model, weights, **kw)
     assert '\n' not in str(e.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
     return str(e.value)
@@ -480,26 +483,276 @@ def test_vit_large_guess(tmp_path):
 
 
 class FakePrompt(nn.Module):
-    def __init__(self, layers, zero=False):
+    def __init__(self, layers, zero=False, heads=4, head_dim=16):
         super().__init__()
-        self.layers, self.zero, self.calls = layers, zero, []
+        self.layers, self.heads, self.head_dim, self.zero, self.calls = layers, heads, head_dim, zero, []
 
     def forward(self, i, q, k, v):
         self.calls.append((i, tuple(q.shape)))
         return torch.zeros_like(q) if self.zero else F.scaled_dot_product_attention(q, k, v)
 
 
-def test_prompt_hook():
+def test_attach_routes_replaces_and_detaches():
     torch.manual_seed(0)
     m = ViT(image_size=32, patch_size=8, width=64, depth=3, heads=4, mlp_dim=128).eval()
     x = torch.randn(2, 3, 32, 32)
+    keys = set(m.state_dict())
     with torch.no_grad():
         base, p = m(x), FakePrompt(1)
-        assert torch.equal(m(x, prompt=p), base)
-        assert p.calls == [(0, (2, 4, 17, 16))]  # (B,H,N,d), block 0 only
+        assert attach(m, p) is m and m.smope is p
+        assert torch.equal(m(x), base) and p.calls == [(0, (2, 4, 17, 16))]  # (B,H,N,d), block 0 only
         p2 = FakePrompt(2, zero=True)
-        assert not torch.allclose(m(x, prompt=p2), base)
-        assert [i for i, _ in p2.calls] == [0, 1]
+        attach(attach(m, p2), p2)                               # again: replaces, never stacks
+        assert not torch.allclose(m(x), base)
+        assert [i for i, _ in p2.calls] == [0, 1] and len(p.calls) == 1
+        attach(m, None)
+        assert torch.equal(m(x), base) and not hasattr(m, 'smope') and len(p2.calls) == 2
+    assert set(m.state_dict()) == keys
+
+
+def test_attach_errors():
+    m, tv = ViT(image_size=32, patch_size=8, width=64, depth=3, heads=4, mlp_dim=128), VisionTransformer(**TV_TINY)
+    cases = [(nn.Sequential(nn.Linear(2, 2)), SMoPE(1, 4, 16), 'Sequential has neither blocks'),
+             (m, SMoPE(4, 4, 16), 'prompt has 4 layers, ViT 3 blocks'),
+             (m, SMoPE(2, 8, 8), r'block 0 attention \(Attention\) has \(heads, head dim, dropout\) \(4, 16, 0.0\)'),
+             (VisionTransformer(**TV_TINY, attention_dropout=0.1), SMoPE(2, 4, 16), r'\(4, 16, 0.1\)'),
+             (nn.Module(), SMoPE(1, 4, 16), r'block 0 attention \(Linear\) has .* no qkv Linear, num_heads and proj')]
+    cases[-1][0].blocks = [nn.Module()]
+    cases[-1][0].blocks[0].attn = nn.Linear(2, 2)
+    for model, prompt, msg in cases:
+        one_line_error(attach, model, prompt, match=msg)
+    attach(tv, SMoPE(2, 4, 16))
+    with pytest.raises(ValueError, match='without masks'):
+        tv.encoder.layers[0].self_attention(*[torch.randn(1, 5, 64)] * 2, torch.randn(1, 5, 64))
+
+
+def written_out(vit, prompt, x):
+    """Our ViT's forward with the prompt wired in by hand, independently of attach."""
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    x = torch.cat([vit.cls_token.expand(len(x), -1, -1), x], 1) + vit.pos_embed
+    for i, blk in enumerate(vit.blocks):
+        h = blk.norm1(x)
+        q, k, v = blk.attn.qkv(h).view(*h.shape[:2], 3, vit.heads, -1).permute(2, 0, 3, 1, 4)
+        o = prompt(i, q, k, v) if i < prompt.layers else F.scaled_dot_product_attention(q, k, v)
+        x = x + blk.attn.proj(o.transpose(1, 2).flatten(2))
+        x = x + blk.mlp(blk.norm2(x))
+    return vit.norm(x[:, 0])
+
+
+def prompt_in_state(heads, head_dim, layers=2, seed=5):
+    """A prompt as on task 3: some experts frequent (noise bites in training), some never used (excluded in eval)."""
+    torch.manual_seed(seed)
+    p = SMoPE(layers, heads, head_dim, experts=6, top_k=2)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p.keys.sub_(0.5)
+    p.begin_task()
+    p.usage.copy_(torch.randint(0, 4, p.usage.shape, generator=g) * (torch.rand(p.usage.shape, generator=g) < 0.7))
+    p.begin_task()
+    p.usage.add_(torch.randint(0, 2, p.usage.shape, generator=g) * (p.usage > 0))
+    p.begin_task()
+    assert p.frequent.any() and (p.usage == 0).any()
+    return p
+
+
+def features_and_grads(model, feats, prompt, x, mode):
+    prompt.zero_grad(set_to_none=True)
+    prompt.train(mode == 'train')
+    f = feats(model, x)
+    (f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum().backward()
+    return f.detach(), prompt.keys.grad.clone(), prompt.values.grad.clone()
+
+
+def check_same(a, b, tol=1e-5):
+    for u, w in zip(a, b):
+        assert (u - w).abs().max() <= tol and w.abs().max() > 0
+
+
+@pytest.mark.parametrize('config', ['tiny', 'b16'])
+def test_attach_torchvision_matches_ours(config, tmp_path):
+    """torchvision's VisionTransformer + attach == our ViT + the prompt wired by hand, same weights and prompt
+    state: features and expert gradients, in evaluation mode (unused experts excluded) and training mode (noise)."""
+    torch.manual_seed(0)
+    tv = VisionTransformer(**TV_TINY) if config == 'tiny' else torchvision.models.vit_b_16()
+    tv.heads = nn.Identity()
+    torch.save(tv.state_dict(), tmp_path / 'w.pth')
+    ours = load_weights(tiny_ours() if config == 'tiny' else ViT(), tmp_path / 'w.pth')
+    for model in (tv, ours):
+        model.eval().requires_grad_(False)
+    prompt = prompt_in_state(ours.heads, ours.head_dim)
+    S = ours.image_size
+    x = torch.randn(2, 3, S, S)
+    for mode in ('eval', 'train'):
+        ref = features_and_grads(ours, lambda m, x: written_out(m, prompt, x), prompt, x, mode)
+        got_tv = features_and_grads(attach(tv, prompt), lambda m, x: m(x), prompt, x, mode)
+        got_ours = features_and_grads(attach(ours, prompt), lambda m, x: m(x), prompt, x, mode)
+        print(f'{config} {mode}: max diff vs written-out wiring: torchvision '
+              f'{max((a - b).abs().max().item() for a, b in zip(got_tv, ref)):.1e}, ours '
+              f'{max((a - b).abs().max().item() for a, b in zip(got_ours, ref)):.1e}')
+        check_same(got_tv, ref)
+        check_same(got_ours, ref)
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention, written here so that its layout is tested without timm: qk-norm, attn/proj dropout and
+    the optional norm before proj. prompt: the wiring written out, for reference."""
+    def __init__(self, dim, heads, qk_norm=True):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = heads, dim // heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.attn_drop, self.proj_drop, self.norm = nn.Dropout(0.0), nn.Dropout(0.0), nn.LayerNorm(dim)
+
+    def forward(self, x, attn_mask=None, prompt=None, i=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = prompt(i, q, k, v) if prompt is not None else F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, C))))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), TimmAttention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, **prompted):
+        x = x + self.attn(self.norm1(x), **prompted)
+        return x + self.mlp(self.norm2(x))
+
+
+def test_attach_timm_layout():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.Sequential(*[TimmBlock(32, 4) for _ in range(3)]).requires_grad_(False)
+    for p in model.blocks.parameters():  # LayerNorms away from their init, so q/k norms are really tested
+        p.data.add_(0.1 * torch.randn_like(p))
+    prompt = prompt_in_state(4, 8)
+    x = torch.randn(3, 10, 32)
+
+    def by_hand(model, x):
+        attach(model, None)
+        for i, blk in enumerate(model.blocks):
+            x = blk(x, prompt=prompt if i < prompt.layers else None, i=i)
+        return x
+    for mode in ('eval', 'train'):
+        ref = features_and_grads(model, by_hand, prompt, x, mode)
+        check_same(features_and_grads(attach(model, prompt), lambda m, x: m.blocks(x), prompt, x, mode), ref)
+    model.blocks[1].attn.attn_drop.p = 0.1
+    one_line_error(attach, model, prompt, match=r'block 1 .*0.1\)')
+
+
+def test_attach_real_timm(tmp_path):
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    tm = timm.create_model('vit_base_patch16_224', pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                           depth=2, num_heads=4, mlp_ratio=2, num_classes=0).eval().requires_grad_(False)
+    torch.save(tm.state_dict(), tmp_path / 'timm.pth')
+    ours = load_weights(tiny_ours(), tmp_path / 'timm.pth').eval().requires_grad_(False)
+    prompt, x = prompt_in_state(4, 16), torch.randn(2, 3, 32, 32)
+    for mode in ('eval', 'train'):
+        ref = features_and_grads(ours, lambda m, x: written_out(m, prompt, x), prompt, x, mode)
+        check_same(features_and_grads(attach(tm, prompt), lambda m, x: m(x), prompt, x, mode), ref)
+
+
+@pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
+def test_training_step_uses_fused_attention(device):
+    """With SDPA restricted to its fused kernels (CPU: its flash kernel; CUDA: flash and memory-efficient), a
+    whole training step runs, prompted layers included, forward and backward; in fp32 it equals the
+    materialised reference path to 1e-5."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fused = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == 'cuda' else [])
+    torch.manual_seed(0)
+    vit = ViT(image_size=32, patch_size=8, width=64, depth=3, heads=4, mlp_dim=128).to(device).requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, device=device)
+    grads = {}
+    for path, precision in [('reference', 'fp32'), ('fused', 'fp32'), ('fused', 'bf16')]:
+        prompt = prompt_in_state(4, 16).to(device).train()
+        prompt.fused = path == 'fused'
+        attach(vit, prompt)
+        with (sdpa_kernel(fused) if path == "fused" else contextlib.nullcontext()), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+            f = vit(x).float()
+        loss = f.square().mean() + 1e-2 * prompt.router_loss() + 1e-2 * prompt.prototype_loss()
+        with sdpa_kernel(fused) if path == "fused" else contextlib.nullcontext():
+            loss.backward()
+        grads[path, precision] = (f.detach(), prompt.keys.grad, prompt.values.grad)
+    check_same(grads['fused', 'fp32'], grads['reference', 'fp32'])
+    assert all(torch.isfinite(t).all() for t in grads['fused', 'bf16'])
+
+
+def test_prompt_copies_after_a_training_forward():
+    prompt, q = prompt_in_state(H, D), qkv(2)
+    prompt.train()(0, *q).sum().backward()
+    twin = __import__('copy').deepcopy(prompt)
+    assert twin._route == [] and torch.equal(twin.keys, prompt.keys) and len(prompt._route) == 1
+
+
+def test_released_backbone_urls():
+    """The table the downloads use, against SPEC section 7 (a typo here would only show on a user's machine)."""
+    hf = 'https://huggingface.co/timm/vit_base_patch16_224.{}/resolve/main/pytorch_model.bin'
+    urls = {k: v[0] for k, v in vit.BACKBONES.items()}
+    assert urls == {'sup21k': hf.format('augreg_in21k'), 'sup1k': hf.format('augreg2_in21k_ft_in1k'),
+                    'dino1k': 'https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+                    'ibot1k': 'https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/'
+                              'checkpoint_teacher.pth'}
+    assert len({v[1] for v in vit.BACKBONES.values()}) == 4  # distinct names in the cache
+    assert [vit.BACKBONES[k][2] for k in ('sup21k', 'sup1k', 'dino1k', 'ibot1k')] == [vit.HALF] * 2 + [vit.IMAGENET] * 2
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """torch's hub cache in a temporary folder, and the released backbones served from file:// URLs: the timm files
+    as tiny timm-layout state dicts, iBOT's wrapped under 'state_dict' with DDP's module. prefix."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    torch.manual_seed(0)
+    sd = tv_to_timm(VisionTransformer(**TV_TINY).state_dict())
+    src = tmp_path / 'src'
+    src.mkdir()
+    files = {'sup1k': sd, 'dino1k': sd, 'ibot1k': {'state_dict': {'module.' + k: v for k, v in sd.items()}}}
+    for name, obj in files.items():
+        torch.save(obj, src / name)
+        url, cache_name, norm = vit.BACKBONES[name]
+        monkeypatch.setitem(vit.BACKBONES, name, ((src / name).as_uri(), cache_name, norm))
+    return tmp_path / 'torch' / 'hub' / 'checkpoints', src
+
+
+def test_backbones_by_name(hub):
+    cache, src = hub
+    ref, sha = load_weights(tiny_ours(), src / 'dino1k'), {}
+    for name in ('sup1k', 'dino1k', 'ibot1k'):
+        m = load_weights(tiny_ours(), name)
+        path = cache / vit.BACKBONES[name][1]
+        assert m.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == \
+            hashlib.sha256((src / name).read_bytes()).hexdigest()
+        assert (m.mean, m.std) == (vit.HALF if name == 'sup1k' else vit.IMAGENET)
+        sha[name] = m.weights_sha256
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+    assert sorted(p.name for p in cache.iterdir()) == sorted(vit.BACKBONES[n][1] for n in ('sup1k', 'dino1k', 'ibot1k'))
+    (src / 'sup1k').unlink()  # downloaded once: the cache serves it from now on, offline too
+    assert load_weights(tiny_ours(), 'sup1k', download=False).weights_sha256 == sha['sup1k']
+
+
+def test_backbone_download_failures(hub):
+    cache, src = hub
+    m = tiny_ours()
+    msg = check_error(FileNotFoundError, 'downloads are off', m, 'sup21k', download=False)  # not cached
+    assert str(cache / vit.BACKBONES['sup21k'][1]) in msg and vit.BACKBONES['sup21k'][0] in msg
+    (src / 'dino1k').unlink()  # the server has nothing: one line, URL and target, nothing left in the cache
+    with pytest.raises(OSError, match='download of .*dino1k to .*dino_vitbase16_pretrain.pth failed') as e:
+        load_weights(m, 'dino1k')
+    assert '\n' not in str(e.value) and not (cache.exists() and list(cache.iterdir()))
+
+
+def test_torchvision_cache_is_checked(b16, tmp_path, monkeypatch):
+    """torchvision's file names carry a sha256 prefix: a cached file that does not match it is named, not loaded."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    cache = tmp_path / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    (cache / os.path.basename(torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.url)).symlink_to(b16[2])
+    check_error(ValueError, 'does not start with the c867db91 of its name', ViT(), 'IMAGENET1K_V1')
 
 
 @pytest.mark.parametrize('name', ['IMAGENET1K_V1', 'IMAGENET1K_SWAG_LINEAR_V1', 'IMAGENET1K_SWAG_E2E_V1'])
@@ -514,8 +767,8 @@ def test_enum_names(name):
 SHARED = Path(__file__).resolve().parent.parent / 'shared' / 'data'
 
 
-def one_line_error(fn, *args, match=None, **kw):
-    with pytest.raises(ValueError, match=match) as e:
+def one_line_error(fn, *args, match=None, exc=ValueError, **kw):
+    with pytest.raises(exc, match=match) as e:
         fn(*args, **kw)
     assert '\n' not in str(e.value)
     return str(e.value)
@@ -567,7 +820,40 @@ def test_cifar100_tasks(cifar_dir):
 
 
 def test_cifar100_missing(tmp_path):
-    assert '--download' in one_line_error(data.load, 'cifar100', data_dir=tmp_path)
+    msg = one_line_error(data.load, 'cifar100', data_dir=tmp_path, download=False)
+    assert str(tmp_path / 'cifar-100-python') in msg and 'train, test and meta' in msg and '--no-download' in msg
+    assert not list(tmp_path.iterdir())
+
+
+def archive(src_dir, names, path, mode='w:gz'):
+    """A tar archive of src_dir/names as the real downloads are built, and its file:// URL and md5."""
+    with tarfile.open(path, mode) as tar:
+        for n in names:
+            tar.add(src_dir / n, arcname=n)
+    return path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_cifar100_download(cifar_dir, tmp_path_factory, monkeypatch):
+    """The real download path (torch.hub's downloader, torchvision's URL, md5 and layout) on a file:// URL."""
+    url, md5 = archive(cifar_dir, ['cifar-100-python'], tmp_path_factory.mktemp('src') / 'c.tar.gz')
+    C = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(C, 'url', url)
+    monkeypatch.setattr(C, 'tgz_md5', md5)
+    dest = tmp_path_factory.mktemp('dest')
+    train, test = data.load('cifar100', data_dir=dest)
+    assert len(train) == 300 and len(test) == 100
+    assert sorted(p.name for p in dest.iterdir()) == ['cifar-100-python', 'cifar-100-python.tar.gz']
+    # failures: one line naming the URL and the target; nothing left under the real name, no .part
+    for bad_url, bad_md5, why in [(url + '.gone', md5, 'No such file'), (url, '0' * 32, 'md5')]:
+        monkeypatch.setattr(C, 'url', bad_url)
+        monkeypatch.setattr(C, 'tgz_md5', bad_md5)
+        empty = tmp_path_factory.mktemp('fail')
+        msg = one_line_error(data.load, 'cifar100', data_dir=empty, exc=OSError)
+        assert msg.startswith(f'download of {bad_url} to {empty / C.filename} failed') and why in msg
+        assert not list(empty.iterdir())
+    (empty / C.filename).write_bytes(b'not a tar archive')  # an archive that does not unpack: said, kept, no folder
+    assert 'delete it to download it again' in one_line_error(data.load, 'cifar100', data_dir=empty)
+    assert [p.name for p in empty.iterdir()] == [C.filename]
 
 # -----------------------------------------------------------------------------
 # ImageNet-R
@@ -625,9 +911,10 @@ def test_imagenet_r_errors(imr_dir, tmp_path_factory):
     msg = one_line_error(data.load, 'imagenet-r', data_dir=imr_dir)
     assert msg.startswith('1 files') and str(gone) in msg
     (imr_dir / 'imagenet-r_train.yaml').unlink()
-    assert '--download' in one_line_error(data.load, 'imagenet-r', data_dir=imr_dir)
-    msg = one_line_error(data.load, 'imagenet-r', data_dir=tmp_path_factory.mktemp('empty'))
-    assert '--download' in msg and data.IMR_URL in msg
+    msg = one_line_error(data.load, 'imagenet-r', data_dir=imr_dir, download=False)
+    assert '--no-download' in msg and data.SPLIT_URL.format('train') in msg and 'imagenet-r_train.yaml' in msg
+    msg = one_line_error(data.load, 'imagenet-r', data_dir=tmp_path_factory.mktemp('empty'), download=False)
+    assert '--no-download' in msg and data.IMR_URL in msg and '<wnid>/<image>.jpg' in msg
 
 
 def test_imagenet_r_batches(imr_dir):
@@ -677,20 +964,88 @@ def test_real_split_lists():
     assert not set(files['train']) & set(files['test'])
 
 
-def test_verify_and_fetch(tmp_path, monkeypatch):
+def test_verify_and_fetch(tmp_path):
     f = tmp_path / 'imagenet-r_train.yaml'
     f.write_text('precious')
     msg = one_line_error(data.verify, f, '0' * 64)
     assert str(f) in msg and '0' * 64 in msg and hashlib.sha256(b'precious').hexdigest() in msg
     assert f.read_text() == 'precious'
     data.verify(f, hashlib.sha256(b'precious').hexdigest())
-    # a download (faked) lands under a temporary name and replaces the target only once verified
-    monkeypatch.setattr(data, 'download_url', lambda url, root, filename: Path(root, filename).write_text('got'))
+    # a download lands under a temporary name and replaces the target only once verified; a failed one leaves
+    # nothing, and a leftover .part from a killed run is no obstacle
     target = tmp_path / 'imagenet-r_test.yaml'
-    one_line_error(data.fetch, 'https://x', target, '0' * 64)
-    assert not target.exists() and (tmp_path / 'imagenet-r_test.yaml.part').read_text() == 'got'
-    data.fetch('https://x', target, hashlib.sha256(b'got').hexdigest())  # fetched again, despite the leftover
-    assert target.read_text() == 'got' and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
+    msg = one_line_error(data.fetch, f.as_uri(), target, sha256='0' * 64, exc=OSError)
+    assert msg.startswith(f'download of {f.as_uri()} to {target} failed') and 'sha256' in msg
+    assert not target.exists() and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
+    (tmp_path / 'imagenet-r_test.yaml.part').write_text('half')
+    data.fetch(f.as_uri(), target, sha256=hashlib.sha256(b'precious').hexdigest())
+    assert target.read_text() == 'precious' and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
+
+# -----------------------------------------------------------------------------
+# CUB-200-2011
+
+@pytest.fixture
+def cub_dir(tmp_path):
+    """CUB_200_2011/ in the real layout, 20 classes of 3 images (2 train, 1 test): images.txt, image_class_labels.txt,
+    train_test_split.txt (image ids in a shuffled order) and images/<class>/<file>.jpg of assorted sizes."""
+    root, g = tmp_path / 'CUB_200_2011', torch.Generator().manual_seed(0)
+    items = [(c, k) for c in range(20) for k in range(3)]
+    random.Random(0).shuffle(items)
+    lines = {name: [] for name in data.CUB_FILES}
+    for i, (c, k) in enumerate(items, 1):
+        rel = f'{c + 1:03d}.Bird_{c}/Bird_{c}_{k}.jpg'
+        (root / 'images' / rel).parent.mkdir(parents=True, exist_ok=True)
+        h, w = [(40, 30), (30, 50), (36, 36)][k]
+        write_jpeg(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), str(root / 'images' / rel))
+        for name, value in zip(data.CUB_FILES, (rel, c + 1, int(k < 2))):
+            lines[name].append(f'{i} {value}')
+    for name, rows in lines.items():
+        (root / name).write_text('\n'.join(rows) + '\n')
+    (tmp_path / 'attributes.txt').write_text('1 has_bill_shape::dagger\n')  # beside the folder, as in the archive
+    return tmp_path
+
+
+def test_cub200_split(cub_dir):
+    train, test = data.load('cub200', data_dir=cub_dir)
+    assert (len(train), len(test), train.num_classes) == (40, 20, 20) and train.images is None
+    assert torch.equal(train.labels.bincount(), torch.full((20,), 2)) and sorted(test.labels.tolist()) == list(range(20))
+    for ds, ks in ((train, {'0', '1'}), (test, {'2'})):
+        for f, y in zip(ds.files, ds.labels.tolist()):
+            assert os.path.isfile(f) and Path(f).parent.name == f'{y + 1:03d}.Bird_{y}' and Path(f).stem[-1] in ks
+    x, i = next(data.batches(test, torch.arange(3), 3, False, None, 'cpu', image_size=32, resize='imagenet', workers=0))
+    ref = TF.center_crop(TF.resize(torchvision.io.decode_image(test.files[0]), [37]), [32, 32])  # Resize(256)+Crop(224)
+    assert torch.equal(x[0], ref.float() / 255)
+
+
+def test_cub200_bad_layouts(cub_dir, tmp_path_factory):
+    root = cub_dir / 'CUB_200_2011'
+    msg = one_line_error(data.load, 'cub200', data_dir=tmp_path_factory.mktemp('none'), download=False)
+    assert 'CUB_200_2011/ holding images.txt, image_class_labels.txt, train_test_split.txt' in msg and data.CUB_URL in msg
+    good = {n: (root / n).read_text() for n in data.CUB_FILES}
+    for name, text, match in [('image_class_labels.txt', good['image_class_labels.txt'].split('\n', 1)[1],
+                               'do not list the same image ids'),
+                              ('image_class_labels.txt', good['image_class_labels.txt'].replace(' 7\n', ' seven\n'),
+                               'class ids must be whole numbers'),
+                              ('train_test_split.txt', good['train_test_split.txt'].replace(' 1\n', ' 2\n', 1),
+                               'flags 0 or 1'),
+                              ('images.txt', '', 'images.txt: missing, empty'),
+                              ('images.txt', good['images.txt'].replace(' ', '\t', 1).replace('\n', ' x\n', 1),
+                               r'not "<image id> <value>"')]:
+        (root / name).write_text(text)
+        one_line_error(data.load, 'cub200', data_dir=cub_dir, match=match)
+        (root / name).write_text(good[name])
+    gone = next((root / 'images').rglob('*.jpg'))
+    gone.unlink()
+    assert str(gone) in one_line_error(data.load, 'cub200', data_dir=cub_dir, match='1 files listed')
+
+
+def test_cub200_download(cub_dir, tmp_path_factory, monkeypatch):
+    url, md5 = archive(cub_dir, ['attributes.txt', 'CUB_200_2011'], tmp_path_factory.mktemp('src') / 'CUB.tgz')
+    monkeypatch.setattr(data, 'CUB_URL', url)  # its archive name comes from us, not from the URL
+    monkeypatch.setattr(data, 'CUB_MD5', md5)
+    dest = tmp_path_factory.mktemp('dest')
+    train, _ = data.load('cub200', data_dir=dest)
+    assert len(train) == 40 and sorted(p.name for p in dest.iterdir()) == ['CUB_200_2011', 'CUB_200_2011.tgz']
 
 # -----------------------------------------------------------------------------
 # batched augmentation of tensor datasets
@@ -814,6 +1169,9 @@ def test_end_to_end_metrics(base_run):
     assert m['forgetting'] == pytest.approx(ffm)
     assert m['faa'] > 5 * 100 / 50                          # chance over 50 classes is 2%
     assert m['prompt_params'] == 2 * 2 * 4 * 8 * 24         # layers x heads x experts x head_dim, keys + values
+    assert list(m['step_seconds']) == list(train.STEPS) and all(v >= 0 for v in m['step_seconds'].values())
+    assert m['step_seconds']['training'] > 0 and m['step_seconds']['alignment'] > 0
+    assert m['weights_sha256'] is None and len(m['peak_memory_mb']) == T
 
 
 def test_determinism_and_resume(base_run, tmp_path):
@@ -826,6 +1184,129 @@ def test_determinism_and_resume(base_run, tmp_path):
     assert train.main(FAST + ['--out', out, '--resume']) == 0
     with open(os.path.join(out, 'seed0', 'metrics.json')) as f:
         assert json.load(f)['acc'] == m['acc']
+
+
+def lr(k, hold, T, base):  # SPEC section 6's formula, written out once more
+    return 1e-6 if k < hold or k >= T else 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (k - hold) / (T - hold)))
+
+
+@pytest.mark.parametrize('dataset, tasks, n, iter_step, hold, steps', [
+    ('cifar100', 10, 5000, 40, 80, 39),        # 5,000 images per task / 128: 39 full batches
+    ('imagenet-r', 5, 4800, 80, 80, 75),
+    ('imagenet-r', 10, 2400, 40, 40, 37),
+    ('imagenet-r', 20, 1200, 20, 20, 18)])
+def test_released_schedules(dataset, tasks, n, iter_step, hold, steps):
+    args = train.parse_args(['--dataset', dataset, '--tasks', str(tasks)])
+    assert (args.iter_step, args.hold) == (iter_step, hold)
+    base = args.lr
+    for epochs in (20, 10):  # main phase, then task 1's dense warm-up (same iter_step and hold)
+        table = train.lr_schedule(args, n, epochs)
+        assert len(table) == steps * epochs  # drop_last: the incomplete batch is not a step
+        T = iter_step * epochs
+        for k in (0, hold - 1, hold, hold + 1, (hold + T) // 2, steps * epochs - 1):
+            assert table[k] == pytest.approx((lr(k, hold, T, 5 * base), lr(k, hold, T, base)), rel=1e-12, abs=0)
+        assert table[0] == table[hold - 1] == (1e-6, 1e-6)          # the hold is NOT scaled by 5
+        assert table[hold] == pytest.approx((5 * base, base))        # the cosine starts at the group's base
+    if dataset == 'cifar100':  # two values by hand: entry 440 is mid-cosine, entry 779 near the end
+        assert train.lr_schedule(args, n, 20)[440] == pytest.approx((1e-6 + 0.5 * (0.025 - 1e-6), 1e-6 + 0.5 * (0.005 - 1e-6)))
+        assert train.lr_schedule(args, n, 20)[779][1] == pytest.approx(1e-6 + 0.5 * (0.005 - 1e-6) *
+                                                                        (1 + math.cos(math.pi * 699 / 720)))
+    # a task with more full batches than iter_step runs past the table: the released scheduler returns 1e-6 there
+    long = train.lr_schedule(args, (iter_step + 2) * args.batch_size, 20)
+    assert len(long) == (iter_step + 2) * 20 and long[T - 1][0] > 1e-6 and long[-40:] == [(1e-6, 1e-6)] * 40
+
+
+def test_derived_and_cub_schedules():
+    # no released row (another batch size): iter_step = ceil(n / batch), hold = round(iter_step * epochs / 20)
+    args = train.parse_args(['--dataset', 'cifar100', '--batch-size', '64'])
+    assert (args.iter_step, args.hold) == (None, None)
+    table = train.lr_schedule(args, 5000, 20)
+    assert len(table) == 78 * 20 and table[78] == (1e-6, 1e-6) and table[79] == pytest.approx((0.025, 0.005))
+    args = train.parse_args(['--dataset', 'cifar100', '--tasks', '5', '--epochs', '4', '--hold', '3'])
+    table = train.lr_schedule(args, 10_000, 4)
+    assert len(table) == 78 * 4 and table[2] == (1e-6, 1e-6) and table[50][1] == pytest.approx(lr(50, 3, 79 * 4, 0.005))
+    # CUB-200: the released per-epoch CosineSchedule, base * cos(99 pi e / (200 (K - 1))), no hold, no floor
+    args = train.parse_args(['--dataset', 'cub200'])
+    assert (args.batch_size, args.lr, args.proto_weight, args.iter_step, args.hold) == (128, 0.005, 5e-5, None, None)
+    for epochs in (20, 10):
+        table = train.lr_schedule(args, 600, epochs)  # 600 images: 4 full batches of 128 per epoch
+        assert len(table) == 4 * epochs
+        for e in range(epochs):
+            c = math.cos(99 * math.pi * e / (200 * (epochs - 1)))
+            assert table[4 * e:4 * e + 4] == [pytest.approx((0.025 * c, 0.005 * c))] * 4
+        assert table[-1][1] == pytest.approx(0.005 * math.cos(99 * math.pi / 200))
+
+
+def test_alignment_schedule():
+    args = train.parse_args(['--dataset', 'imagenet-r'])
+    table = train.ca_lr_schedule(args, 40)  # 40 classes in earlier tasks: 40 iterations per epoch, 50 epochs
+    assert len(table) == 2000 and table[0] == pytest.approx(1e-5) and table[1000] == pytest.approx(1e-6 + 0.5 * 9e-6)
+    assert table[1999] == pytest.approx(1e-6 + 0.5 * 9e-6 * (1 + math.cos(math.pi * 1999 / 2000)))
+    assert all(a > b for a, b in zip(table, table[1:]))  # per iteration, not per epoch
+
+
+@pytest.mark.parametrize('dataset', ['synthetic', 'cub200'])
+def test_loops_use_the_schedules(dataset, tmp_path, monkeypatch, request):
+    """Every optimizer step of a run takes exactly the next entry of lr_schedule / ca_lr_schedule."""
+    seen, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, 'step', lambda self, *a, **k: (
+        seen.append(tuple(g['lr'] for g in self.param_groups)), step(self, *a, **k))[1])
+    if dataset == 'synthetic':
+        extra = ['--stop-after', '2', '--epochs', '2']
+    else:  # fake CUB on disk, the tiny demo backbone: 20 classes in 2 tasks, 20 training images each
+        extra = ['--dataset', 'cub200', '--data-dir', str(request.getfixturevalue('cub_dir')), '--tasks', '2',
+                 '--arch', 'tiny', '--weights', 'none', '--batch-size', '6', '--epochs', '3', '--ca-epochs', '2',
+                 '--prompt-layers', '2', '--experts', '8', '--top-k', '2']
+    m, _ = run_train(tmp_path, *extra)
+    args = train.parse_args(FAST + extra)
+    n = 400 if dataset == 'synthetic' else 20  # training images per task
+    expected = train.lr_schedule(args, n, max(1, args.epochs // 2)) + train.lr_schedule(args, n, args.epochs)
+    expected += train.lr_schedule(args, n, args.epochs) + [(x,) for x in train.ca_lr_schedule(args, n // (n // 10))]
+    assert seen == expected and len(m['acc']) == 2
+    if dataset == 'cub200':
+        assert len(seen) == 3 * 1 + 3 * 3 * 2 + 20 and m['acc'][1][0] >= 0
+
+
+def test_paper_flags_and_precision():
+    a = train.parse_args(['--dataset', 'cifar100'])
+    assert (a.weights, a.normalize, a.precision, a.iter_step, a.hold) == ('IMAGENET1K_V1', 'backbone', 'fp32', 40, 80)
+    assert train.parse_args(['--device', 'cuda']).precision == 'bf16'         # auto: bf16 on CUDA, fp32 on CPU
+    assert train.parse_args(['--device', 'cuda', '--precision', 'fp32']).precision == 'fp32'
+    for dataset, weights in (('cifar100', 'sup1k'), ('imagenet-r', 'sup1k'), ('cub200', 'sup21k')):
+        a = train.parse_args(['--dataset', dataset, '--paper', '--device', 'cuda'])
+        assert (a.weights, a.normalize, a.precision) == (weights, 'none', 'fp32')
+        assert a.epochs == 20 and a.experts == 25 and a.top_k == 5 and a.ca_lr == 1e-5 and a.augment
+    a = train.parse_args(['--dataset', 'imagenet-r', '--tasks', '20', '--paper', '--weights', 'sup21k'])
+    assert (a.weights, a.eps, a.ca_ratio, a.iter_step, a.hold) == ('sup21k', 0.3, 4, 20, 20)  # a flag beats --paper
+    with pytest.raises(SystemExit):
+        train.parse_args(['--dataset', 'synthetic', '--paper'])
+
+
+def test_named_weights_in_a_run(hub, tmp_path, monkeypatch, capsys):
+    """train.py with --weights sup1k: the sha256 of the cached file is printed and kept in metrics.json, and a
+    resume refuses a backbone file that changed. (The tiny demo ViT stands in for ViT-B/16.)"""
+    cache, src = hub
+    torch.manual_seed(0)
+    torch.save(ViT(**train.TINY).state_dict(), src / 'sup1k')
+    monkeypatch.setattr(train, 'vit_b_16', lambda w, download: load_weights(ViT(**train.TINY), w, download))
+    m, out = run_train(tmp_path, '--arch', 'vit_b_16', '--weights', 'sup1k', '--stop-after', '1')
+    sha = hashlib.sha256((cache / vit.BACKBONES['sup1k'][1]).read_bytes()).hexdigest()
+    assert f'backbone sup1k: sha256 {sha}' in capsys.readouterr().out and m['weights_sha256'] == sha
+    torch.save(ViT(**train.TINY).state_dict(), cache / vit.BACKBONES['sup1k'][1])  # another file, same name
+    assert train.main(FAST + ['--out', out, '--arch', 'vit_b_16', '--weights', 'sup1k', '--resume']) == 2
+    assert f'backbone sha256: checkpoint {sha}' in capsys.readouterr().err
+
+
+def test_failed_download_leaves_nothing(cifar_dir, tmp_path, monkeypatch, capsys):
+    C = torchvision.datasets.CIFAR100
+    url, _ = archive(cifar_dir, ['cifar-100-python'], tmp_path / 'c.tar.gz')
+    for bad_url, md5 in [(url + '.gone', C.tgz_md5), (url, C.tgz_md5)]:  # no file; a file with the wrong md5
+        monkeypatch.setattr(C, 'url', bad_url)
+        d, out = tmp_path / 'data', tmp_path / 'run'
+        assert train.main(['--dataset', 'cifar100', '--data-dir', str(d), '--out', str(out), '--weights', 'none']) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # after torch.hub's progress bar
+        assert err.startswith(f'error: download of {bad_url} to {d / C.filename} failed')
+        assert not out.exists() and not list(d.iterdir())
 
 
 def test_eval_does_not_depend_on_batch_size():
@@ -916,8 +1397,9 @@ def test_train_bad_inputs(tmp_path, capsys):
             train.main(FAST + argv)
         assert msg in capsys.readouterr().err
     out = str(tmp_path / 'x')
-    checks = [(['--dataset', 'cifar100', '--data-dir', str(tmp_path / 'none'), '--weights', 'none'], '--download'),
-              (['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'not found'),
+    checks = [(['--dataset', 'cifar100', '--data-dir', str(tmp_path / 'none'), '--weights', 'none', '--no-download'],
+               'CIFAR-100 not found: expected'),
+              (FAST + ['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'weights file not found'),
               (FAST + ['--lr', '1e30', '--out', out], 'loss is')]
     for argv, msg in checks:
         assert train.main(argv) == 2

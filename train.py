@@ -1,17 +1,20 @@
 """
 SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
 
-    python train.py --dataset synthetic                  # offline demo: tiny ViT, 5 tasks, ~1 min on a laptop CPU
-    python train.py --dataset cifar100 --tasks 10        # the paper's recipe (defaults from SPEC.md's table)
-    torchrun --nproc_per_node=4 train.py --dataset imagenet-r --tasks 10   # same run on 4 GPUs, same results
+    python train.py --dataset cifar100 --tasks 10          # downloads what is missing, then trains
+    python train.py --dataset cub200 --paper --seeds 0 1 2 3 4   # the released protocol, five class orders
+    python train.py --dataset synthetic                    # offline demo: tiny random ViT, seconds on a CPU
+    torchrun --nproc_per_node=4 train.py --dataset imagenet-r --tasks 10   # 4 GPUs, same results as one
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,37 +22,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from smope import SMoPE
+from smope import SMoPE, attach
 from vit import ViT, vit_b_16
 
-# SPEC.md section 8, the released scripts' hyperparameters; hold = iterations at lr 1e-6 before the cosine
-# (SPEC gives 80 for CIFAR-100 and 40 for ImageNet-R 10 tasks; we use 40 for ImageNet-R 5 and 20 tasks too)
+# SPEC.md section 8: the released scripts' hyperparameters, with section 6's schedule constants where the
+# released config has them (iter_step: schedule entries per epoch; hold: entries at 1e-6 before the cosine)
 PAPER = {
-    ('cifar100', 10): dict(batch_size=128, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=50, ca_ratio=1, hold=80),
-    ('imagenet-r', 5): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=1e-5, eps=0.7, ca_epochs=60, ca_ratio=2, hold=40),
-    ('imagenet-r', 10): dict(batch_size=64, lr=0.0025, router_weight=5e-5, proto_weight=1e-4, eps=0.5, ca_epochs=50, ca_ratio=6, hold=40),
-    ('imagenet-r', 20): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=5e-5, eps=0.3, ca_epochs=50, ca_ratio=4, hold=40),
+    ('cifar100', 10): dict(batch_size=128, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4,
+                           ca_epochs=50, ca_ratio=1, iter_step=40, hold=80),
+    ('imagenet-r', 5): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=1e-5, eps=0.7,
+                            ca_epochs=60, ca_ratio=2, iter_step=80, hold=80),
+    ('imagenet-r', 10): dict(batch_size=64, lr=0.0025, router_weight=5e-5, proto_weight=1e-4, eps=0.5,
+                             ca_epochs=50, ca_ratio=6, iter_step=40, hold=40),
+    ('imagenet-r', 20): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=5e-5, eps=0.3,
+                             ca_epochs=50, ca_ratio=4, iter_step=20, hold=20),
+    # CUB-200 runs the released per-epoch cosine instead (lr_schedule), so it has no iter_step or hold
+    ('cub200', 10): dict(batch_size=128, lr=0.005, router_weight=1e-5, proto_weight=5e-5, eps=0.4,
+                         ca_epochs=50, ca_ratio=1),
     # the offline demo: small enough for two CPU cores, not a paper setting
-    ('synthetic', 5): dict(batch_size=32, lr=0.002, router_weight=1e-5, proto_weight=1e-5, eps=0.4, ca_epochs=10, ca_ratio=1, hold=5, ca_lr=1e-3,
-                           epochs=4, experts=8, top_k=2, prompt_layers=2, arch='tiny', weights=None),
+    ('synthetic', 5): dict(batch_size=32, lr=0.002, router_weight=1e-5, proto_weight=1e-5, eps=0.4,
+                           ca_epochs=10, ca_ratio=1, ca_lr=1e-3, epochs=4, experts=8, top_k=2,
+                           prompt_layers=2, arch='tiny', weights=None),
 }
+RELEASED_BACKBONE = {'cifar100': 'sup1k', 'imagenet-r': 'sup1k', 'cub200': 'sup21k'}  # SPEC section 7
 TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # the demo's backbone
 # settings that change results: a checkpoint made with other values is not resumed
-RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight', 'proto_weight',
-               'ca_epochs', 'ca_ratio', 'ca_lr', 'hold', 'gate', 'weights', 'normalize', 'arch', 'prompt_layers', 'split', 'augment',
-               'dense', 'warmup', 'ca', 'precision',
+RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight',
+               'proto_weight', 'ca_epochs', 'ca_ratio', 'ca_lr', 'iter_step', 'hold', 'gate', 'weights',
+               'normalize', 'arch', 'prompt_layers', 'split', 'augment', 'dense', 'warmup', 'ca', 'precision',
                'eval_batch_size']  # with augmentation on, the usage/statistics passes draw crops per batch
+STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'checkpointing')  # SPEC section 6
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'synthetic'])
-    a('--tasks', type=int, default=None, help='10 (cifar100, imagenet-r) or 5 (synthetic)')
+    a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'cub200', 'synthetic'])
+    a('--tasks', type=int, default=None, help='10 (synthetic: 5)')
+    a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
+      "sup21k), pixels in [0,1] without normalisation, fp32; everything else is the released row anyway")
     a('--epochs', type=int, default=None, help='epochs per task (20); task 1 adds half of it as dense warm-up')
     a('--batch-size', type=int, default=None, help='GLOBAL batch, split across torchrun ranks')
     a('--lr', type=float, default=None, help='head lr; prompts get 5x')
-    a('--hold', type=int, default=None, help='iterations held at lr 1e-6 before the cosine')
+    a('--iter-step', type=int, default=None, help='schedule entries per epoch (SPEC section 6): the released '
+      "row's; where none exists (other tasks or batch size), ceil(task images / batch)")
+    a('--hold', type=int, default=None, help="schedule entries at lr 1e-6 before the cosine: the released row's; "
+      'where none exists, round(iter_step x epochs / 20), one epoch in 20 as the ImageNet-R rows')
     a('--experts', type=int, default=None, help='experts per layer and head (25)')
     a('--top-k', type=int, default=None, help='active experts per image (5)')
     a('--prompt-layers', type=int, default=None, help='prompted blocks, counted from the first (6)')
@@ -58,23 +76,27 @@ def parse_args(argv=None):
     a('--proto-weight', type=float, default=None, help='alpha_proto (Eq. 6)')
     a('--ca-epochs', type=int, default=None, help='classifier alignment epochs')
     a('--ca-ratio', type=int, default=None, help='alignment samples per class = batch size x ratio')
-    a('--ca-lr', type=float, default=None, help='alignment lr, cosine down to 1e-6 (1e-5)')
+    a('--ca-lr', type=float, default=None, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
     a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'], help='linear = SMoPE; others = NoRGa')
     a('--arch', default=None, choices=['vit_b_16', 'tiny'])
-    a('--weights', default=None, help="torchvision enum (IMAGENET1K_V1, ...), a torchvision/timm checkpoint file, or 'none'")
-    a('--normalize', default='backbone', choices=['backbone', 'none'], help="'none' = pixels in [0,1], the released code")
+    a('--weights', default=None, help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC "
+      "section 7), a torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
+    a('--normalize', default=None, choices=['backbone', 'none'], help="'none' = pixels in [0,1] (the released "
+      "code); default: the backbone's own mean and std")
     a('--split', default='fixed', choices=['fixed', 'random'], help='imagenet-r: the shared 24k/6k lists, or seeded 80/20')
     a('--seeds', type=int, nargs='+', default=[0])
     a('--data-dir', default='data')
-    a('--download', action='store_true')
+    a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
     a('--out', default=None, help='run folder (default runs/<dataset>-<tasks>)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    a('--precision', default='fp32', choices=['fp32', 'bf16'])
+    a('--precision', default=None, choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on '
+      'CUDA, fp32 on CPU; fp32 on CUDA allows TF32 matmuls. Expert routing always runs in fp32')
     a('--compile', action='store_true', help='torch.compile the backbone')
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, default=None, help='stop after this many tasks (resume later with --resume)')
     a('--eval-batch-size', type=int, default=256)
-    a('--workers', type=int, default=4, help='image decoding processes (imagenet-r)')
+    a('--workers', type=int, default=None, help='image decoding processes (imagenet-r, cub200); default: the '
+      'cores available to this process, less one')
     a('--no-augment', dest='augment', action='store_false', help='train on un-augmented images')
     a('--dense', action='store_true', help='ablation: one shared prompt, all experts active')
     a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0')
@@ -83,12 +105,22 @@ def parse_args(argv=None):
     a('--no-warmup', dest='warmup', action='store_false', help='ablation: no task-1 dense warm-up')
     a('--no-ca', dest='ca', action='store_false', help='ablation: no classifier alignment')
     args = p.parse_args(argv)
+    if args.paper and args.dataset not in RELEASED_BACKBONE:
+        p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
     args.tasks = args.tasks or (5 if args.dataset == 'synthetic' else 10)
-    row = PAPER.get((args.dataset, args.tasks)) or PAPER[next(k for k in PAPER if k[0] == args.dataset)]
-    defaults = {**dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16', weights='IMAGENET1K_V1'), **row}
-    for k, v in defaults.items():
+    released = PAPER.get((args.dataset, args.tasks))
+    row = dict(released or PAPER[next(k for k in PAPER if k[0] == args.dataset)])
+    schedule = {k: row.pop(k) for k in ('iter_step', 'hold') if k in row}
+    defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
+                    weights=RELEASED_BACKBONE[args.dataset] if args.paper else 'IMAGENET1K_V1',
+                    normalize='none' if args.paper else 'backbone', precision='fp32' if args.paper else 'auto')
+    for k, v in {**defaults, **row}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if released and args.batch_size == row['batch_size']:  # the released schedule table, only for its own row
+        for k, v in schedule.items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.precision = ('bf16' if args.device.startswith('cuda') else 'fp32') if args.precision == 'auto' else args.precision
     args.weights = None if str(args.weights).lower() == 'none' else args.weights
     args.eps = args.eps if args.noise else 0.0
     args.router_weight = args.router_weight if args.router else 0.0
@@ -98,36 +130,378 @@ def parse_args(argv=None):
         p.error(f'--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}')
     if args.arch == 'tiny' and args.weights is not None:
         p.error('--weights needs --arch vit_b_16 (the tiny demo backbone is randomly initialised)')
-    if args.batch_size < 1 or args.epochs < 1 or args.tasks < 1:
-        p.error('--batch-size, --epochs and --tasks must be positive')
+    if min(args.batch_size, args.epochs, args.tasks, args.iter_step or 1) < 1:
+        p.error('--batch-size, --epochs, --tasks and --iter-step must be positive')
     return args
 
 
+# -----------------------------------------------------------------------------
+# the released schedules (SPEC section 6)
+
+def lr_schedule(args, n_images, epochs):
+    """(prompt lr, head lr) for each optimizer step of one phase over n_images: floor(n_images / batch) steps per
+    epoch, the last incomplete batch being dropped. Step k takes entry k of the released CosineSchedulerIter
+    table of iter_step x epochs entries: `hold` entries at 1e-6 for both groups, then a cosine from the group's
+    base (prompts 5 x lr) to 1e-6, and 1e-6 past the table's end, as the released scheduler returns there.
+    CUB-200's released script steps a per-epoch cosine instead: base * cos(99 pi e / (200 (epochs - 1)))."""
+    per_epoch = n_images // args.batch_size
+    bases = (5 * args.lr, args.lr)
+    if args.dataset == 'cub200':
+        cos = [math.cos(99 * math.pi * e / (200 * max(1, epochs - 1))) for e in range(epochs)]
+        return [(bases[0] * cos[e], bases[1] * cos[e]) for e in range(epochs) for _ in range(per_epoch)]
+    iter_step = args.iter_step or math.ceil(n_images / args.batch_size)
+    hold = args.hold if args.hold is not None else round(iter_step * args.epochs / 20)
+    T = iter_step * epochs
+
+    def lr(k, base):
+        if k < hold or k >= T:
+            return 1e-6
+        return 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (k - hold) / (T - hold)))
+    return [(lr(k, bases[0]), lr(k, bases[1])) for k in range(per_epoch * epochs)]
+
+
+def ca_lr_schedule(args, earlier_classes):
+    """One lr per classifier-alignment iteration: crct_num = earlier_classes iterations per epoch, and one
+    cosine from --ca-lr to 1e-6 over all crct_num x ca_epochs of them (SPEC section 6 step 5)."""
+    T = earlier_classes * args.ca_epochs
+    return [1e-6 + 0.5 * (args.ca_lr - 1e-6) * (1 + math.cos(math.pi * k / T)) for k in range(T)]
+
+
+# -----------------------------------------------------------------------------
+# one seed's run
+
 class Learner(nn.Module):
-    """Frozen ViT + SMoPE prompt + linear head. forward returns (logits, router loss) so DDP sees both."""
+    """Frozen ViT with the prompt attached + linear head. forward returns (logits, router loss) for DDP."""
 
     def __init__(self, vit, prompt, num_classes):
         super().__init__()
-        self.vit, self.prompt, self.head = vit.requires_grad_(False), prompt, nn.Linear(vit.width, num_classes)
+        self.vit = attach(vit.requires_grad_(False), prompt)  # freeze first: attach makes the prompt a child
+        self.prompt, self.head = prompt, nn.Linear(vit.width, num_classes)
 
     def features(self, x):
-        return self.vit(x, self.prompt)  # (B, width) final CLS feature
+        return self.vit(x)  # (B, width) final CLS feature
 
     def forward(self, x):
         return self.head(self.features(x)), self.prompt.router_loss()
 
 
-def lr_at(it, total, hold, base, low=1e-6):
-    """SPEC section 6: per-iteration, `hold` iterations at 1e-6, then cosine from base to 1e-6."""
-    if it < hold:
-        return low
-    return low + (base - low) * 0.5 * (1 + math.cos(math.pi * (it - hold) / max(1, total - hold)))
+@dataclass
+class Run:
+    """What one seed's run carries from task to task."""
+    args: argparse.Namespace
+    model: Learner
+    ddp: nn.Module            # model, or its DistributedDataParallel wrapper under torchrun
+    train_set: data.Images
+    test_set: data.Images
+    y_train: torch.Tensor     # (N,) labels in class-order positions: task t owns [t * per_task, (t+1) * per_task)
+    y_test: torch.Tensor
+    per_task: int             # classes per task
+    feed: dict                # data.batches settings
+    out: str                  # this seed's folder
+    rank: int
+    world: int
+    device: torch.device
+    gen: torch.Generator      # shuffling and augmentation
+    ca_gen: torch.Generator   # classifier-alignment samples
+    stats: dict = None        # SPEC section 6 step 4: 'mean', 'var', (C, width) float64
+    metrics: dict = field(default_factory=dict)
 
+    def log(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == 'bf16')
+
+
+@dataclass
+class Task:
+    t: int                    # 0-based
+    lo: int                   # the task's logits are [lo, hi); classes seen so far [0, hi)
+    hi: int
+    idx: torch.Tensor         # its training images
+
+
+def run(args, seed, rank, world, device):
+    r = setup(args, seed, rank, world, device)
+    start = resume(r) if args.resume else 0
+    r.log(f'seed {seed}: {r.stats["mean"].shape[0]} classes in {args.tasks} tasks, '
+          f'{r.metrics["trainable_params"]:,} trainable parameters ({r.metrics["prompt_params"]:,} in prompts), '
+          f'device {device}, {args.precision}, {world} process(es)')
+    for t in range(start, min(args.tasks, args.stop_after or args.tasks)):
+        t0, lo, hi = time.time(), t * r.per_task, (t + 1) * r.per_task
+        task = Task(t, lo, hi, torch.nonzero((r.y_train >= lo) & (r.y_train < hi)).squeeze(1).cpu())
+        r.model.prompt.begin_task()
+        with timed(r, 'training'):
+            images, seconds = zip(*[train_phase(r, task, *phase) for phase in phases(args, t)])
+        with timed(r, 'usage pass'):
+            usage_pass(r, task)
+        with timed(r, 'statistics'):
+            class_statistics(r, task)
+        if t > 0 and args.ca:
+            with timed(r, 'alignment'):
+                align_classifier(r, task)
+        with timed(r, 'evaluation'):
+            row = evaluate(r.model, r.test_set, r.y_test, t + 1, r.per_task, args, r.feed, r.autocast)
+        record(r, task, row, time.time() - t0, sum(images) / max(sum(seconds), 1e-9))
+        with timed(r, 'checkpointing'):
+            save_checkpoint(r, task)
+    finish(r)
+    return r.metrics
+
+
+def setup(args, seed, rank, world, device):
+    """Data, backbone (both downloaded when missing, before anything is written), prompt, head, generators."""
+    train_set, test_set = data.load(args.dataset, args.data_dir, args.download, split=args.split, seed=seed)
+    torch.manual_seed(seed)  # backbone (tiny), prompt and head init; all later draws use the generators below
+    vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=args.download)
+    C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
+    prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
+    model = Learner(vit, prompt, C).to(device)
+    if args.compile:
+        model.vit = torch.compile(model.vit)
+    normalize = args.normalize == 'backbone'
+    feed = dict(device=device, image_size=vit.image_size, mean=vit.mean if normalize else None,
+                std=vit.std if normalize else None, rank=rank, world=world, workers=args.workers,
+                resize='cifar' if args.dataset in ('cifar100', 'synthetic') else 'imagenet')
+    r = Run(args, model, nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model,
+            train_set, test_set, data.remap(train_set.labels, order).to(device),
+            data.remap(test_set.labels, order).to(device), len(data.split_tasks(order, args.tasks)[0]), feed,
+            os.path.join(args.out, f'seed{seed}'), rank, world, device,
+            torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000))
+    r.stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
+    r.metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[],
+                     step_seconds=dict.fromkeys(STEPS, 0.0), config={k: getattr(args, k) for k in RESULT_KEYS},
+                     seed=seed, world_size=world, weights_sha256=vit.weights_sha256,
+                     trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     prompt_params=prompt.keys.numel() + prompt.values.numel())
+    if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
+        r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
+    if not args.resume and os.path.exists(ckpt_path(r)):
+        raise ValueError(f'{ckpt_path(r)} exists: pass --resume to continue it, or choose another --out')
+    return r
+
+
+def ckpt_path(r):
+    return os.path.join(r.out, 'checkpoint.pt')
+
+
+def resume(r):
+    """Continue after the last completed task; only a checkpoint made with the same settings is accepted."""
+    if not os.path.exists(ckpt_path(r)):
+        return 0
+    try:
+        ck = torch.load(ckpt_path(r), map_location=r.device, weights_only=False)
+        config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
+    except Exception as e:
+        raise ValueError(f'{ckpt_path(r)} is not a readable checkpoint of train.py ({type(e).__name__}): '
+                         'move it away to start over, or choose another --out') from None
+    diff = [f'{k}: checkpoint {config.get(k)!r}, now {v!r}' for k, v in r.metrics['config'].items()
+            if config.get(k) != v]
+    diff += [f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}'] if sha != r.metrics[
+        'weights_sha256'] else []
+    if diff:
+        raise ValueError(f"{ckpt_path(r)} was made with other settings ({'; '.join(diff)}): "
+                         'use the same flags or another --out')
+    r.model.prompt.load_state_dict(ck['prompt'])
+    r.model.head.load_state_dict(ck['head'])
+    r.stats, r.metrics = ck['stats'], ck['metrics']
+    r.gen.set_state(ck['gen'])
+    r.ca_gen.set_state(ck['ca_gen'])
+    r.log(f'resuming {r.out} after task {ck["task"]}/{r.args.tasks}')
+    return ck['task']
+
+
+@contextlib.contextmanager
+def timed(r, step):
+    """Adds the wall time of one protocol step to metrics['step_seconds'] (CUDA work included)."""
+    sync = torch.cuda.synchronize if r.device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.time()
+    yield
+    sync()
+    r.metrics['step_seconds'][step] += time.time() - t0
+
+
+def phases(args, t):
+    """SPEC section 6 step 1: task 1 opens with a dense warm-up of int(epochs / 2) epochs, then the main phase."""
+    warmup = [('warm-up', True, max(1, args.epochs // 2))] if t == 0 and args.warmup and not args.dense else []
+    return warmup + [('train', args.dense, args.epochs)]
+
+
+def train_phase(r, task, name, dense, epochs):
+    """SPEC section 6 step 2, one phase: a fresh AdamW and schedule, shuffled full global batches (drop_last),
+    CE over the current task's classes + router loss (Eq. 5) + prototype loss (Eq. 6). -> (images, seconds)."""
+    args, prompt, head = r.args, r.model.prompt, r.model.head
+    prompt.dense = dense
+    # NoRGa's alpha and tau train on task 1 only, then stay out of the optimizer (frozen)
+    trainable = [prompt.keys, prompt.values] + ([prompt.alpha, prompt.tau] if args.gate != 'linear' and task.t == 0 else [])
+    opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0, weight_decay=0.0)
+    schedule = iter(lr_schedule(args, len(task.idx), epochs))
+    images, seconds = 0, 0.0
+    for epoch in range(epochs):
+        r.model.train()
+        e0, tot = time.time(), torch.zeros(3, device=r.device, dtype=torch.float64)  # CE sum, hits, images
+        bad = torch.full((), -1, device=r.device)  # first step with a non-finite loss; checked once per epoch
+        batches = data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen, drop_last=True, **r.feed)
+        for j, (x, i) in enumerate(batches):
+            for group, lr in zip(opt.param_groups, next(schedule)):
+                group['lr'] = lr
+            y = r.y_train[i]
+            with r.autocast():
+                logits, router = r.ddp(x)
+            logits = logits.float()[:, :task.hi].clone()
+            logits[:, :task.lo] = float('-inf')  # only the current task's classes compete (SPEC section 4)
+            ce = F.cross_entropy(logits, y)
+            loss = ce + args.router_weight * router + args.proto_weight * prompt.prototype_loss()
+            opt.zero_grad(set_to_none=True)  # also drops gradients left by classifier alignment
+            # DDP averages gradients over ranks; weighting by the local share makes it the global-batch mean
+            (loss * len(y) * r.world / args.batch_size).backward()
+            opt.step()
+            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), j, bad)
+            tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=r.device)])
+        all_sum(tot, r.world)
+        if bad.item() >= 0:
+            raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, step '
+                                     f'{bad.item() + 1}: lower --lr; {ckpt_path(r)} holds the last completed task')
+        dt = time.time() - e0
+        images, seconds = images + tot[2].item(), seconds + dt
+        r.log(f'task {task.t + 1}/{args.tasks} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / tot[2]:.4f} '
+              f'acc {100 * tot[1] / tot[2]:.2f} lr {opt.param_groups[1]["lr"]:.2e} {tot[2] / dt:.0f} img/s '
+              f'ETA {(epochs - epoch - 1) * dt:.0f}s')
+    prompt.dense = args.dense
+    return images, seconds
+
+
+def usage_pass(r, task):
+    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over ALL of the task's
+    training images (the released loader drops its last batch here too: SPEC section 9), summed over ranks.
+    Training augmentation as the released code (--no-augment turns it off)."""
+    prompt = r.model.prompt
+    r.model.eval()
+    prompt.counting = True
+    with torch.no_grad():
+        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+            if len(i):
+                with r.autocast():
+                    r.model.features(x)
+    prompt.counting = False
+    all_sum(prompt.hits, r.world)
+    prompt.end_usage_pass()
+
+
+def class_statistics(r, task):
+    """SPEC section 6 step 4: per-class mean and population variance of the final CLS features of the task's
+    training images (training-augmented, as the released code), routed as at test time with the new counts."""
+    r.model.eval()
+    sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
+    with torch.no_grad():
+        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+            if len(i):
+                with r.autocast():
+                    f = r.model.features(x).double()
+                sums[0].index_add_(0, r.y_train[i], f)
+                sums[1].index_add_(0, r.y_train[i], f * f)
+    all_sum(sums, r.world)
+    n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None].clamp(min=1)
+    mean = r.stats['mean'][task.lo:task.hi] = sums[0, task.lo:task.hi] / n
+    r.stats['var'][task.lo:task.hi] = (sums[1, task.lo:task.hi] / n - mean ** 2).clamp(min=0)
+
+
+def align_classifier(r, task):
+    """SPEC section 6 step 5: retrain the head on features drawn from N(mu_c, diag(var_c) + 1e-4) of every seen
+    class. Per epoch the released code draws batch x ratio samples per class, shuffles them and uses the first
+    crct_num = (classes of earlier tasks) batches; drawing only the samples it uses gives the same distribution."""
+    args, head, seen, earlier = r.args, r.model.head, task.hi, task.lo
+    per = args.batch_size * args.ca_ratio
+    opt = torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=5e-4)
+    schedule = iter(ca_lr_schedule(args, earlier))
+    mean, std = r.stats['mean'][:seen].float(), (r.stats['var'][:seen] + 1e-4).sqrt().float()
+    for epoch in range(args.ca_epochs):
+        pick = torch.randperm(seen * per, generator=r.ca_gen)[:earlier * per]
+        noise = torch.randn(len(pick), mean.shape[1], generator=r.ca_gen).to(r.device)
+        y = (pick // per).to(r.device)
+        z = mean[y] + std[y] * noise
+        for b in range(earlier):
+            opt.param_groups[0]['lr'] = next(schedule)
+            loss = F.cross_entropy(head(z[b * per:(b + 1) * per])[:, :seen], y[b * per:(b + 1) * per])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if r.world > 1:  # identical draws on every rank already; broadcasting rules out kernel-level drift
+        for p in head.parameters():
+            dist.broadcast(p.data, 0)
+
+
+@torch.no_grad()
+def evaluate(model, test_set, y_test, tasks_seen, classes_per_task, args, feed, autocast):
+    """SPEC section 6 step 6: accuracy (%) on each seen task's test set over all seen classes, no task id."""
+    model.eval()
+    hi = tasks_seen * classes_per_task
+    idx = torch.nonzero(y_test < hi).squeeze(1).cpu()
+    hits = torch.zeros(2, tasks_seen, dtype=torch.float64, device=y_test.device)
+    for x, i in data.batches(test_set, idx, args.eval_batch_size, False, None, **feed):
+        if len(i) == 0:
+            continue
+        with autocast():
+            pred = model.head(model.features(x)).float()[:, :hi].argmax(1)
+        y = y_test[i]
+        task = y // classes_per_task
+        hits[0].index_add_(0, task, (pred == y).double())
+        hits[1].index_add_(0, task, torch.ones_like(task, dtype=torch.float64))
+    all_sum(hits, feed['world'])
+    return (100 * hits[0] / hits[1].clamp(min=1)).tolist()
+
+
+def record(r, task, row, seconds, images_per_second):
+    m = r.metrics
+    m['acc'].append(row)
+    m['task_seconds'].append(seconds)
+    m['images_per_second'].append(images_per_second)
+    m['peak_memory_mb'].append(peak_memory_mb(r.device))
+    m.update(summarise(m['acc']), usage=r.model.prompt.usage.tolist())
+    r.log(f'task {task.t + 1}/{r.args.tasks} done in {seconds:.0f}s: accuracy per task '
+          f'{" ".join(f"{a:.1f}" for a in row)} | average {sum(row) / len(row):.2f}')
+    r.log(usage_line(r.model.prompt))
+
+
+def save_checkpoint(r, task):
+    """After every task, by rank 0, atomically: all a resumed run needs to end exactly as an uninterrupted one.
+    The run folder appears with the first checkpoint, so a run that fails before it leaves no folder behind."""
+    if r.rank == 0:
+        os.makedirs(r.out, exist_ok=True)
+        atomic_save(dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
+                         metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state()),
+                    ckpt_path(r))
+        atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
+
+
+def finish(r):
+    """The accuracy matrix, the time of each protocol step and the peak memory; metrics.json gets them too."""
+    if not r.metrics['acc']:
+        return
+    log_matrix(r.metrics['acc'], r.log)
+    steps = r.metrics['step_seconds']
+    r.log('time per protocol step: ' + ' | '.join(f'{k} {v:.1f}s' for k, v in steps.items()) +
+          f' | total {sum(steps.values()):.1f}s; peak memory {max(r.metrics["peak_memory_mb"]) / 1024:.2f} GiB')
+    if r.rank == 0:
+        atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
+        plot(r.metrics['acc'], os.path.join(r.out, 'accuracy.png'))
+
+
+# -----------------------------------------------------------------------------
+# small helpers
 
 def all_sum(t, world):
     if world > 1:
         dist.all_reduce(t)
     return t
+
+
+def peak_memory_mb(device):  # CUDA: this process's peak allocation; CPU: its peak RSS
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def atomic_save(obj, path, json_too=False):
@@ -149,211 +523,18 @@ def summarise(acc):
     return dict(faa=faa, caa=caa, forgetting=ffm)
 
 
-def run(args, seed, rank, world, device):
-    log = print if rank == 0 else (lambda *a, **k: None)
-    out = os.path.join(args.out, f'seed{seed}')
-    ckpt_path = os.path.join(out, 'checkpoint.pt')
-    train_set, test_set = data.load(args.dataset, args.data_dir, args.download, split=args.split, seed=seed)
-    torch.manual_seed(seed)  # backbone (tiny), prompt and head init; everything later draws from the generators below
-    vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights)
-    C, T = train_set.num_classes, args.tasks
-    order = data.class_order(C, seed)
-    classes_per_task = len(data.split_tasks(order, T)[0])
-    y_train = data.remap(train_set.labels, order).to(device)
-    y_test = data.remap(test_set.labels, order).to(device)
-    prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
-    model = Learner(vit, prompt, C).to(device)
-    if args.compile:
-        model.vit = torch.compile(model.vit)
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    mean, std = (vit.mean, vit.std) if args.normalize == 'backbone' else (None, None)
-    feed = dict(device=device, image_size=vit.image_size, mean=mean, std=std, rank=rank, world=world, workers=args.workers,
-                resize='imagenet' if args.dataset == 'imagenet-r' else 'cifar')
-    gen, ca_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
-    stats = dict(mean=torch.zeros(C, vit.width, dtype=torch.float64, device=device),
-                 var=torch.zeros(C, vit.width, dtype=torch.float64, device=device))
-    metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], config={k: getattr(args, k) for k in RESULT_KEYS},
-                   seed=seed, world_size=world, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   prompt_params=prompt.keys.numel() + prompt.values.numel())
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
-    start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            config = ck['metrics']['config']
-        except Exception as e:
-            raise ValueError(f'{ckpt_path} is not a readable checkpoint of train.py ({type(e).__name__}): '
-                             'move it away to start over, or choose another --out') from None
-        diff = [f"{k}: checkpoint {config.get(k)!r}, now {getattr(args, k)!r}" for k in RESULT_KEYS if config.get(k) != getattr(args, k)]
-        if diff:
-            raise ValueError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}): use the same flags or another --out")
-        model.prompt.load_state_dict(ck['prompt'])
-        model.head.load_state_dict(ck['head'])
-        stats, metrics, start = ck['stats'], ck['metrics'], ck['task']
-        gen.set_state(ck['gen'])
-        ca_gen.set_state(ck['ca_gen'])
-        log(f'resuming {out} after task {start}/{T}')
-    elif os.path.exists(ckpt_path) and not args.resume:
-        raise ValueError(f'{ckpt_path} exists: pass --resume to continue it, or choose another --out')
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-    log(f'seed {seed}: {C} classes in {T} tasks, {metrics["trainable_params"]:,} trainable parameters '
-        f'({metrics["prompt_params"]:,} in prompts), device {device}, {world} process(es)')
-
-    for t in range(start, min(T, args.stop_after or T)):
-        t0 = time.time()
-        lo, hi = t * classes_per_task, (t + 1) * classes_per_task  # current task's logits [lo, hi); seen: [0, hi)
-        idx = torch.nonzero((y_train >= lo) & (y_train < hi)).squeeze(1).cpu()
-        prompt.begin_task()
-        phases = ([('warm-up', True, max(1, args.epochs // 2))] if t == 0 and args.warmup and not args.dense else [])
-        seen_imgs, busy = 0, 0.0
-        for name, dense, epochs in phases + [('train', args.dense, args.epochs)]:
-            prompt.dense = dense
-            # NoRGa's alpha and tau train on task 1 only, then stay out of the optimizer (frozen)
-            trainable = [prompt.keys, prompt.values] + ([prompt.alpha, prompt.tau] if args.gate != 'linear' and t == 0 else [])
-            opt = torch.optim.AdamW([dict(params=trainable, lr=5 * args.lr), dict(params=model.head.parameters(), lr=args.lr)],
-                                    weight_decay=0.0)  # a fresh optimizer and schedule per phase (SPEC section 6)
-            steps = math.ceil(len(idx) / args.batch_size)
-            for epoch in range(epochs):
-                model.train()
-                e0, tot = time.time(), torch.zeros(3, device=device, dtype=torch.float64)
-                for j, (x, i) in enumerate(data.batches(train_set, idx, args.batch_size, args.augment, gen, **feed)):
-                    it = epoch * steps + j
-                    for g, scale in zip(opt.param_groups, (5, 1)):  # prompts at 5x, floor and hold included
-                        g['lr'] = scale * lr_at(it, steps * epochs, args.hold, args.lr)
-                    n_global = min(args.batch_size, len(idx) - j * args.batch_size)
-                    if n_global < world:  # a rank would get no image; every rank knows it and skips alike
-                        continue
-                    y = y_train[i]
-                    with autocast():
-                        logits, router = ddp(x)
-                    logits = logits.float()[:, :hi].clone()
-                    logits[:, :lo] = float('-inf')  # only the current task's classes compete
-                    ce = F.cross_entropy(logits, y, reduction='sum') / max(1, len(y))
-                    loss = ce + args.router_weight * router + args.proto_weight * prompt.prototype_loss()
-                    opt.zero_grad(set_to_none=True)  # also drops gradients left by classifier alignment
-                    # DDP averages gradients over ranks; weighting by the local share makes it the global-batch mean
-                    (loss * len(y) * world / n_global).backward()
-                    grads = torch.stack([p.grad.float().sum() for p in trainable])
-                    if not torch.isfinite(grads).all():
-                        raise FloatingPointError(f'loss is {loss.item()} at task {t + 1}, {name} epoch {epoch + 1}, step {j + 1}: '
-                                                 f'lower --lr or use --precision fp32; {ckpt_path} holds the last good state')
-                    opt.step()
-                    tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
-                all_sum(tot, world)
-                dt = time.time() - e0
-                seen_imgs, busy = seen_imgs + tot[2].item(), busy + dt
-                left = (epochs - epoch - 1) * dt
-                log(f'task {t + 1}/{T} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / tot[2]:.4f} acc {100 * tot[1] / tot[2]:.2f} '
-                    f'lr {opt.param_groups[1]["lr"]:.2e} {tot[2] / dt:.0f} img/s ETA {left:.0f}s')
-        prompt.dense = args.dense
-
-        # usage pass (SPEC section 5), then class statistics (section 6.4) with the new counts, as at test time;
-        # the released code feeds training-augmented images to both; we follow it (--no-augment turns it off)
-        model.eval()
-        sums = torch.zeros(2, C, vit.width, dtype=torch.float64, device=device)  # sum f, sum f^2
-        with torch.no_grad():
-            for counting in (True, False):
-                prompt.counting = counting
-                for x, i in data.batches(train_set, idx, args.eval_batch_size, args.augment, gen, **feed):
-                    if len(i) == 0:
-                        continue
-                    with autocast():
-                        f = model.features(x).double()
-                    if not counting:
-                        y = y_train[i]
-                        sums[0].index_add_(0, y, f)
-                        sums[1].index_add_(0, y, f * f)
-                if counting:
-                    all_sum(prompt.hits, world)
-                    prompt.end_usage_pass()
-        all_sum(sums, world)
-        n = torch.bincount(y_train[idx.to(device)], minlength=hi)[lo:hi, None].clamp(min=1)  # images per class, all ranks
-        stats['mean'][lo:hi] = sums[0, lo:hi] / n
-        stats['var'][lo:hi] = (sums[1, lo:hi] / n - stats['mean'][lo:hi] ** 2).clamp(min=0)  # population variance
-
-        if t > 0 and args.ca:
-            align_classifier(model.head, stats, hi, lo, args, ca_gen, device)
-            if world > 1:  # identical draws on every rank already; broadcasting rules out kernel-level drift
-                for p in model.head.parameters():
-                    dist.broadcast(p.data, 0)
-
-        row = evaluate(model, test_set, y_test, t + 1, classes_per_task, args, feed, autocast)
-        metrics['acc'].append(row)
-        metrics['task_seconds'].append(time.time() - t0)
-        metrics['images_per_second'].append(seen_imgs / max(busy, 1e-9))
-        metrics['peak_memory_mb'].append(  # CUDA: this process's peak allocation; CPU: peak RSS
-            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        metrics.update(summarise(metrics['acc']))
-        metrics['usage'] = prompt.usage.tolist()
-        log(f'task {t + 1}/{T} done in {time.time() - t0:.0f}s: accuracy per task {" ".join(f"{a:.1f}" for a in row)} | '
-            f'average {sum(row) / len(row):.2f}')
-        log(usage_line(prompt))
-        if rank == 0:
-            atomic_save(dict(prompt=prompt.state_dict(), head=model.head.state_dict(), stats=stats, metrics=metrics, task=t + 1,
-                             gen=gen.get_state(), ca_gen=ca_gen.get_state()), ckpt_path)
-            atomic_save(metrics, os.path.join(out, 'metrics.json'), json_too=True)
-    if metrics['acc']:
-        log_matrix(metrics['acc'], log)
-        if rank == 0:
-            plot(metrics['acc'], os.path.join(out, 'accuracy.png'))
-    return metrics
-
-
-def align_classifier(head, stats, seen, earlier, args, gen, device):
-    """SPEC section 6.5: retrain the head on features drawn from N(mu_c, diag(var_c) + 1e-4) of every seen class.
-    Per epoch the released code draws batch*ratio samples per class, shuffles them and uses the first `earlier`
-    batches; drawing only the samples it uses gives the same distribution for less work."""
-    per = args.batch_size * args.ca_ratio
-    opt = torch.optim.AdamW(head.parameters(), lr=args.ca_lr, weight_decay=5e-4)
-    mean, std = stats['mean'][:seen].float(), (stats['var'][:seen] + 1e-4).sqrt().float()
-    for epoch in range(args.ca_epochs):
-        for g in opt.param_groups:
-            g['lr'] = lr_at(epoch, args.ca_epochs, 0, args.ca_lr)
-        pick = torch.randperm(seen * per, generator=gen)[:earlier * per]
-        noise = torch.randn(len(pick), mean.shape[1], generator=gen).to(device)
-        y = (pick // per).to(device)
-        z = mean[y] + std[y] * noise
-        for b in range(earlier):
-            sl = slice(b * per, (b + 1) * per)
-            loss = F.cross_entropy(head(z[sl])[:, :seen], y[sl])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-@torch.no_grad()
-def evaluate(model, test_set, y_test, tasks_seen, classes_per_task, args, feed, autocast):
-    """Accuracy (%) on each seen task's test set over all seen classes, no task id (SPEC section 8)."""
-    model.eval()
-    hi = tasks_seen * classes_per_task
-    idx = torch.nonzero(y_test < hi).squeeze(1).cpu()
-    hits = torch.zeros(2, tasks_seen, dtype=torch.float64, device=y_test.device)
-    for x, i in data.batches(test_set, idx, args.eval_batch_size, False, None, **feed):
-        if len(i) == 0:
-            continue
-        with autocast():
-            pred = model.head(model.features(x)).float()[:, :hi].argmax(1)
-        y = y_test[i]
-        task = y // classes_per_task
-        hits[0].index_add_(0, task, (pred == y).double())
-        hits[1].index_add_(0, task, torch.ones_like(task, dtype=torch.float64))
-    all_sum(hits, feed['world'])
-    return (100 * hits[0] / hits[1].clamp(min=1)).tolist()
-
-
 def usage_line(prompt):
     used = (prompt.usage > 0).sum(-1).float()  # (L, H)
     top = prompt.usage_shares().amax(-1)       # (L, H)
-    return ('expert usage per prompted layer (experts used of %d, busiest expert share, frequent set): ' % prompt.experts +
-            ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, {prompt.frequent[l].sum(-1).float().mean():.1f}'
-                       for l in range(prompt.layers)))
+    return (f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, frequent '
+            'set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
+                                  f'{prompt.frequent[l].sum(-1).float().mean():.1f}' for l in range(prompt.layers)))
 
 
 def log_matrix(acc, log):
     log('accuracy matrix (row = after task t, column = task i):')
-    for r in acc:
-        log('  ' + ' '.join(f'{a:6.2f}' for a in r))
+    for row in acc:
+        log('  ' + ' '.join(f'{a:6.2f}' for a in row))
     m = summarise(acc)
     log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}")
 
@@ -382,10 +563,24 @@ def plot(acc, path):
     os.replace(path + '.tmp.png', path)
 
 
+def default_workers():
+    """Decoding processes per rank: the cores this process may use, shared among the ranks on this machine,
+    less one for the rank itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    if args.batch_size < world:
+        print(f'error: --batch-size {args.batch_size} is the global batch: it must be at least the {world} '
+              'processes', file=sys.stderr)
+        return 2
+    args.workers = default_workers() if args.workers is None else args.workers
     device = torch.device(args.device)
+    if device.type == 'cuda' and args.precision == 'fp32':
+        torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
     if world > 1:
         if device.type == 'cuda':
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
