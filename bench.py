@@ -4,7 +4,8 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py                         # cuda if available, batch 64
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
-    python bench.py --pipeline               # images/s of the ImageNet-R input pipeline alone, per worker count
+    python bench.py --pipeline               # images/s of the ImageNet-R input pipeline, per worker count
+    python bench.py --schedule               # train.py's whole Split CIFAR-100 run on CIFAR-shaped data
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
@@ -15,7 +16,9 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   f      training limit: frozen forward + backward through all blocks, activation gradients only
 --pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device)
 on JPEGs of ImageNet-R's sizes generated on the spot, for each worker count, and checks that every worker
-count yields the same batches.
+count yields the same batches. --schedule runs train.main, the real code path, on random pixels written in
+CIFAR-100's on-disk format (timing depends on neither pixels nor weights) and reports its seconds per
+protocol step and peak memory.
 """
 import argparse
 import copy
@@ -23,7 +26,9 @@ import json
 import os
 import pathlib
 import platform
+import pickle
 import resource
+import shlex
 import statistics
 import tempfile
 import time
@@ -45,15 +50,18 @@ def parse_args(argv=None):
     a('--compile', action='store_true', help='torch.compile the ViT')
     a('--repeats', type=int, default=10, help='timed rounds; medians are reported')
     a('--warmup', type=int, default=None, help='untimed rounds first (2 on cuda, 1 on cpu)')
-    a('--threads', type=int, default=None, help='torch.set_num_threads; 1 is the steadiest on a shared CPU host')
-    a('--quick', action='store_true', help='batch 2, 3 repeats, 1 warm-up round')
+    a('--threads', type=int, default=None, help='torch.set_num_threads; 1 is the steadiest on a shared host')
+    a('--quick', action='store_true', help='batch 2, 1 timed round after 1 warm-up round')
     a('--json', default=None, help='write the results here')
     a('--pipeline', action='store_true', help='time the ImageNet-R input pipeline instead of the model')
     a('--images', type=int, default=512, help='--pipeline: generated JPEGs, 300-500 px sides')
     a('--workers', type=int, nargs='+', default=None, help='--pipeline: worker counts (0, 1, cores - 1)')
+    a('--schedule', action='store_true', help="time train.py's Split CIFAR-100 run on random CIFAR data")
+    a('--per-class', type=int, default=500, help='--schedule: training images per class (test: a fifth)')
+    a('--train-args', default='', help="--schedule: more train.py flags, e.g. '--precision fp32 --compile'")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 3, args.warmup or 1
+        args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1
     args.batch_size = args.batch_size or (64 if args.device == 'cuda' or args.pipeline else 8)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
     return args
@@ -63,6 +71,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.pipeline:
         return pipeline(args)
+    if args.schedule:
+        return schedule(args)
     dev, cuda = torch.device(args.device), args.device == 'cuda'
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
@@ -77,8 +87,8 @@ def main(argv=None):
     dense.dense, ref.fused = True, False
     # train.Learner's head and optimiser inlined: train.py imports data.py, which a benchmark need not
     head = nn.Linear(vit.width, 100).to(dev)
-    opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3), dict(params=head.parameters(), lr=1e-3)],
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3),
+                             dict(params=head.parameters(), lr=1e-3)], weight_decay=0.0)
     if args.compile:
         torch._dynamo.config.recompile_limit = 32  # one graph per (prompt module, grad mode) pair
         vit.compile()
@@ -116,8 +126,9 @@ def main(argv=None):
         loss.backward()
 
     # d: the query pass only picks the prompt, so its cost counts here and its result does not
-    variants = {'a': lambda: infer(None), 'b': lambda: infer(prompt), 'b_ref': lambda: infer(ref), 'c': lambda: infer(dense),
-                'd': lambda: (infer(None), infer(prompt)), 'e': train_step, 'f': train_limit}
+    variants = {'a': lambda: infer(None), 'b': lambda: infer(prompt), 'b_ref': lambda: infer(ref),
+                'c': lambda: infer(dense), 'd': lambda: (infer(None), infer(prompt)), 'e': train_step,
+                'f': train_limit}
     times, peaks = {k: [] for k in variants}, {k: 0 for k in variants}
     for r in range(args.warmup + args.repeats):
         for k, fn in variants.items():  # round-robin: a slow spell of the machine is shared by all variants
@@ -133,8 +144,10 @@ def main(argv=None):
                 times[k].append(time.perf_counter() - t0)
 
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in [('b', 'a'), ('b_ref', 'a'), ('c', 'a'), ('d', 'a'), ('e', 'f')]}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in [('backbone', vit), ('prompt', prompt), ('head', head)]}
+    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in [('b', 'a'), ('b_ref', 'a'), ('c', 'a'), ('d', 'a'),
+                                                      ('e', 'f')]}
+    params = {k: sum(p.numel() for p in m.parameters())
+              for k, m in [('backbone', vit), ('prompt', prompt), ('head', head)]}
     info = pathlib.Path('/proc/cpuinfo').read_text().splitlines() if platform.system() == 'Linux' else []
     cpu = [l.split(':', 1)[1].strip() for l in info if l.startswith('model name')]
     name = torch.cuda.get_device_name(dev) if cuda else (cpu + [platform.machine()])[0]
@@ -142,14 +155,17 @@ def main(argv=None):
     res = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), batch_size=B,
                precision=args.precision, compile=args.compile, repeats=args.repeats, warmup=args.warmup,
                ms=ms, all_ms={k: [1e3 * t for t in v] for k, v in times.items()},
-               images_per_s={k: B / v * 1e3 for k, v in ms.items()}, ratios=ratios, params=params, fused_vs_ref_max_abs_diff=diff,
+               images_per_s={k: B / v * 1e3 for k, v in ms.items()}, ratios=ratios, params=params,
+               fused_vs_ref_max_abs_diff=diff,
                peak_mem_mb={k: v / 2**20 for k, v in peaks.items()} if cuda else {'process_rss': rss_mb})
 
-    print(f"device {name} | torch {torch.__version__} | threads {res['threads']} | batch {B} | {args.precision}"
-          f"{' | compiled' if args.compile else ''} | medians of {args.repeats} after {args.warmup} warm-up rounds")
+    print(f"device {name} | torch {torch.__version__} | threads {res['threads']} | batch {B} | "
+          f"{args.precision}{' | compiled' if args.compile else ''} | medians of {args.repeats} after "
+          f"{args.warmup} warm-up rounds")
     print(f"{'variant':<8}{'ms/batch':>11}{'images/s':>11}" + (f"{'peak MiB':>11}" if cuda else ''))
     for k in variants:
-        print(f"{k:<8}{ms[k]:>11.1f}{res['images_per_s'][k]:>11.1f}" + (f"{peaks[k] / 2**20:>11.0f}" if cuda else ''))
+        peak = f"{peaks[k] / 2**20:>11.0f}" if cuda else ''
+        print(f"{k:<8}{ms[k]:>11.1f}{res['images_per_s'][k]:>11.1f}{peak}")
     print('ratios  ' + '  '.join(f'{k} {v:.3f}' for k, v in ratios.items()))
     print('params  ' + '  '.join(f'{k} {v:,}' for k, v in params.items())
           + ('' if cuda else f'\npeak RSS {rss_mb:.0f} MiB (whole process, all variants together)'))
@@ -158,14 +174,15 @@ def main(argv=None):
     # and classifier alignment. Training: 10 tasks x 5,000 images x 20 epochs, plus task 1's 10 warm-up
     # epochs; forward only: usage and statistics passes (2 x 50,000) and evaluation (1,000 x (1 + ... + 10)).
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
-    print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
+    print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} "
+          "min")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res
 
 
 def pipeline(args):
-    """Images/s of data.batches alone on ImageNet-R-like JPEGs, training mode, batch 64 unless --batch-size."""
+    """Images/s of data.batches alone on ImageNet-R-like JPEGs, training mode, batch 64 by default."""
     import data  # only this mode needs the data pipeline
     from torchvision.io import write_jpeg
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -186,8 +203,8 @@ def pipeline(args):
         for n in workers:
             t0, seen, sums[n] = time.perf_counter(), 0, []
             for x, _ in data.batches(ds, torch.arange(len(files)), B, True, torch.Generator().manual_seed(1),
-                                     args.device, mean=(0.5,) * 3, std=(0.5,) * 3, resize='imagenet', workers=n,
-                                     drop_last=True):
+                                     args.device, mean=(0.5,) * 3, std=(0.5,) * 3, resize='imagenet',
+                                     workers=n, drop_last=True):
                 seen, _ = seen + len(x), sums[n].append(x.double().sum().item())
             if args.device == 'cuda':
                 torch.cuda.synchronize()
@@ -200,6 +217,44 @@ def pipeline(args):
     for n, v in rates.items():
         print(f'  workers {n:>2}: {v:7.1f} images/s')
     print(f'same batches for every worker count: {same}')
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def schedule(args):
+    """train.main on CIFAR-100's real pickle format filled with random pixels: the whole schedule, timed."""
+    import torchvision
+    import train  # only this mode needs the training code
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp, 'cifar-100-python')
+        folder.mkdir()
+        for part, n in (('train', args.per_class), ('test', max(1, args.per_class // 5))):
+            labels = torch.arange(100).repeat(n)
+            pixels = torch.randint(0, 256, (len(labels), 3072), generator=g, dtype=torch.uint8)
+            with open(folder / part, 'wb') as f:
+                pickle.dump({'data': pixels.numpy(), 'fine_labels': labels.tolist()}, f)
+        with open(folder / 'meta', 'wb') as f:
+            pickle.dump({'fine_label_names': [f'c{i}' for i in range(100)]}, f)
+        argv = ['--dataset', 'cifar100', '--data-dir', tmp, '--out', os.path.join(tmp, 'run'),
+                '--weights', 'none', '--device', args.device, '--no-download'] + shlex.split(args.train_args)
+        # random pixels cannot match torchvision's md5 of the real files: check that they exist, not their md5
+        cifar, check = torchvision.datasets.cifar, torchvision.datasets.cifar.check_integrity
+        cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+        try:
+            t0 = time.perf_counter()
+            if train.main(argv) != 0:
+                raise SystemExit('train.py failed')
+            wall = time.perf_counter() - t0
+        finally:
+            cifar.check_integrity = check
+        m = json.loads(pathlib.Path(tmp, 'run', 'seed0', 'metrics.json').read_text())
+    res = dict(wall_seconds=wall, step_seconds=m['step_seconds'], peak_memory_mb=max(m['peak_memory_mb']),
+               images_per_second=m['images_per_second'], config=m['config'], torch=torch.__version__,
+               device=torch.cuda.get_device_name() if args.device == 'cuda' else platform.machine())
+    print(f"whole schedule: {wall:.1f} s wall ({len(m['acc'])} tasks); "
+          f"peak memory {res['peak_memory_mb'] / 1024:.2f} GiB")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res

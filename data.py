@@ -35,7 +35,8 @@ class Images:
     num_classes: int
     images: torch.Tensor | None = None  # (N,3,h,w) uint8
     files: list[str] | None = None      # absolute paths
-    _cache: dict = field(default_factory=dict, repr=False)  # device -> images there; (size, resize) -> decoded test images
+    # device -> the images there; (size, resize) -> decoded test images
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self):
         return len(self.labels)
@@ -63,8 +64,8 @@ def cifar100(data_dir, download):
     C, root = datasets.CIFAR100, Path(data_dir).resolve()
     if not (root / C.base_folder).is_dir():
         if not download:
-            raise ValueError(f'CIFAR-100 not found: expected {root / C.base_folder}/ holding train, test and meta '
-                             f'(torchvision\'s layout); run without --no-download to fetch {C.url}')
+            raise ValueError(f'CIFAR-100 not found: expected {root / C.base_folder}/ holding train, test and '
+                             f'meta (torchvision\'s layout); run without --no-download to fetch {C.url}')
         fetch_archive(C.url, root, C.filename, C.base_folder, md5=C.tgz_md5)
     try:  # torchvision checks each file's md5
         sets = [C(root=str(root), train=train, download=False) for train in (True, False)]
@@ -72,8 +73,8 @@ def cifar100(data_dir, download):
         raise ValueError(f'{root / C.base_folder} is incomplete or corrupted (md5 of train, test or meta): '
                          'delete it to download it again') from None
     # .data is (N,32,32,3) uint8 -> (N,3,32,32)
-    return tuple(Images(torch.tensor(d.targets), 100, images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous())
-                 for d in sets)
+    return tuple(Images(torch.tensor(d.targets), 100,
+                        images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()) for d in sets)
 
 
 def imagenet_r(data_dir, download, split, seed):
@@ -93,8 +94,8 @@ def imagenet_r(data_dir, download, split, seed):
         path, url = data_dir / f'imagenet-r_{part}.yaml', SPLIT_URL.format(part)
         if not path.exists():
             if not download:
-                raise ValueError(f'{path} not found (the released {part} split list): run without --no-download '
-                                 f'to fetch {url}, or use --split random')
+                raise ValueError(f'{path} not found (the released {part} split list): run without '
+                                 f'--no-download to fetch {url}, or use --split random')
             fetch(url, path, sha256=SPLIT_SHA256[part])
         files, labels = read_split(path)
         # listed as data/imagenet-r/<wnid>/<file>.jpg, relative to the released code's root
@@ -121,9 +122,11 @@ def cub200(data_dir, download):
     cols = []  # per file: image id -> its value
     for name in CUB_FILES:
         path = root / name
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+        rows = [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
+        rows = [r for r in rows if r]
         if not rows or any(len(r) != 2 for r in rows):
-            raise ValueError(f'{path}: missing, empty or not "<image id> <value>" per line (CUB-200-2011 layout)')
+            raise ValueError(f'{path}: missing, empty or not "<image id> <value>" per line '
+                             '(the CUB-200-2011 layout)')
         cols.append(dict(rows))
     paths, classes, is_train = cols
     if not paths.keys() == classes.keys() == is_train.keys():
@@ -133,8 +136,8 @@ def cub200(data_dir, download):
     parts = []
     for flag in ('1', '0'):  # 1 = train
         ids = [i for i in paths if is_train[i] == flag]
-        parts.append(_existing([str(root / 'images' / paths[i]) for i in ids], [int(classes[i]) - 1 for i in ids],
-                               root / 'images.txt'))
+        files = [str(root / 'images' / paths[i]) for i in ids]
+        parts.append(_existing(files, [int(classes[i]) - 1 for i in ids], root / 'images.txt'))
     C = max(int(c) for c in classes.values())
     return tuple(Images(y, C, files=f) for f, y in parts)
 
@@ -143,7 +146,8 @@ def read_split(path):
     """The published lists are YAML holding two flat lists, 'data:' then 'targets:': no YAML parser needed."""
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     k = lines.index('targets:') if 'targets:' in lines else 0
-    if lines[:1] != ['data:'] or len(lines) != 2 * k or not all(s.startswith('- ') for s in lines[1:k] + lines[k + 1:]):
+    items = lines[1:k] + lines[k + 1:]
+    if lines[:1] != ['data:'] or len(lines) != 2 * k or not all(s.startswith('- ') for s in items):
         raise ValueError(f"{path}: expected a 'data:' list and a 'targets:' list of the same length")
     return [s[2:].strip() for s in lines[1:k]], [int(s[2:]) for s in lines[k + 1:]]
 
@@ -173,14 +177,14 @@ def fetch(url, path, md5=None, sha256=None):
             verify(tmp, md5 or sha256, 'md5' if md5 else 'sha256')
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, or "
-                      "fetch the file there yourself") from None
+        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
+                      "or fetch the file there yourself") from None
     os.replace(tmp, path)
 
 
 def fetch_archive(url, data_dir, archive, folder, md5):
-    """Download data_dir/archive unless it is there, then unpack it so that data_dir/folder appears whole or not
-    at all: the archive is extracted into a hidden folder first and its `folder` moved into place."""
+    """Download data_dir/archive unless it is there, then unpack it so that data_dir/folder appears whole or
+    not at all: the archive is extracted into a hidden folder first and its `folder` moved into place."""
     data_dir = Path(data_dir)
     if not (data_dir / archive).is_file():
         fetch(url, data_dir / archive, md5=md5)
@@ -202,9 +206,11 @@ def random_split(root, seed, test_frac=0.2):
     wnids = sorted(d.name for d in root.iterdir() if d.is_dir())
     train, test = ([], []), ([], [])  # (files, labels)
     for c, wnid in enumerate(wnids):
-        files = sorted(str(p) for p in (root / wnid).iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
+        images = (p for p in (root / wnid).iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
+        files = sorted(str(p) for p in images)
         if len(files) < 2:
-            raise ValueError(f'{root / wnid} has {len(files)} images: a random split needs at least 2 per class')
+            raise ValueError(f'{root / wnid} has {len(files)} images: a random split needs 2 or more '
+                             'per class')
         n_test = min(max(1, round(test_frac * len(files))), len(files) - 1)
         perm = torch.randperm(len(files), generator=g).tolist()
         for part, ks in ((test, perm[:n_test]), (train, perm[n_test:])):
@@ -214,11 +220,13 @@ def random_split(root, seed, test_frac=0.2):
 
 
 def synthetic(num_classes=50, train_per_class=40, test_per_class=10, size=32, seed=0):
-    """Class prototypes = a base colour plus a smooth random pattern; samples are shifted, rescaled and noisy copies."""
+    """Class prototypes = a base colour plus a smooth random pattern; samples are shifted, rescaled and noisy
+    copies."""
     g = torch.Generator().manual_seed(seed)
     m = size // 8  # max shift in pixels
     pattern = torch.rand(num_classes, 3, 4, 4, generator=g)
-    pattern = torch.nn.functional.interpolate(pattern, size=size + 2 * m, mode='bilinear', align_corners=False)
+    pattern = torch.nn.functional.interpolate(pattern, size=size + 2 * m, mode='bilinear',
+                                              align_corners=False)
     protos = 0.5 * torch.rand(num_classes, 3, 1, 1, generator=g) + 0.5 * pattern  # (C,3,s+2m,s+2m)
 
     def draw(per_class):
@@ -275,16 +283,18 @@ def crop_boxes(n, H, W, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def _weights(start, length, n_in, n_out):
-    """(n,) crop starts and lengths -> (n,n_out,n_in) weights of torchvision's bilinear resize of each crop."""
+    """(n,) crop starts and lengths -> (n,n_out,n_in) weights of torchvision's bilinear resize of each
+    crop."""
     start, length = start[:, None].float(), length[:, None].float()
-    src = ((torch.arange(n_out, device=start.device) + 0.5) * length / n_out - 0.5).clamp(min=0)  # align_corners=False
+    # align_corners=False
+    src = ((torch.arange(n_out, device=start.device) + 0.5) * length / n_out - 0.5).clamp(min=0)
     src = start + torch.minimum(src, length - 1)  # (n,n_out) source coordinates, clamped inside the crop
-    return (1 - (src[..., None] - torch.arange(n_in, device=start.device)).abs()).clamp(min=0)  # tent = bilinear
+    return (1 - (src[..., None] - torch.arange(n_in, device=start.device)).abs()).clamp(min=0)  # a tent
 
 
 def augment(x, boxes, flips, S):
     """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to S×S, mirror where flips.
-    Resizing is two small matmuls per image: exactly torchvision's crop-then-resize, and fast on any device."""
+    Resizing is two small matmuls per image: exactly torchvision's crop-then-resize, fast on any device."""
     wy = _weights(boxes[:, 0], boxes[:, 2], x.shape[2], S) / 255  # (n,S,H), scaling to [0,1] for free
     wx = _weights(boxes[:, 1], boxes[:, 3], x.shape[3], S)        # (n,S,W)
     wx = torch.where(flips[:, None, None], wx.flip(1), wx)  # mirroring = reversing the output columns
@@ -321,7 +331,8 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
         raise ValueError(f"unknown resize {resize!r}: choose 'cifar' or 'imagenet'")
     S, idx = image_size, idx.cpu()
     if mean is not None:  # (3,) each
-        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                     for v in (mean, std))
     finish = lambda x: x if mean is None else x.sub_(mean).div_(std)  # x is always a fresh tensor
     mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
     if train:
@@ -335,20 +346,24 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
             i = mine(b).to(device)
             x = ds.on(device)[i]  # (b,3,H,W) uint8
             if train:  # draw for the whole global batch, so every rank draws the same
-                boxes, flips = crop_boxes(len(b), H, W, generator), torch.rand(len(b), generator=generator) < 0.5
+                boxes = crop_boxes(len(b), H, W, generator)
+                flips = torch.rand(len(b), generator=generator) < 0.5
                 x = augment(x, mine(boxes).to(device), mine(flips).to(device), S)
             else:
                 x = _eval(x, S, resize).float().div_(255)
             yield finish(x), i
         return
 
-    seeds = torch.randint(0, 2 ** 62, (len(idx),), generator=generator) if train else torch.full((len(idx),), -1)
-    plan = [list(zip(mine(idx[s:s + batch_size]).tolist(), mine(seeds[s:s + batch_size]).tolist())) for s in starts]
+    n = len(idx)
+    seeds = torch.randint(0, 2 ** 62, (n,), generator=generator) if train else torch.full((n,), -1)
+    plan = [list(zip(mine(idx[s:s + batch_size]).tolist(), mine(seeds[s:s + batch_size]).tolist()))
+            for s in starts]
     # test images are evaluated after every task: decode each once per run and keep it (uint8, S×S;
     # ImageNet-R's 6,000 test images take 0.9 GB), decode training images afresh in the workers
     store = ds._cache.setdefault((S, resize), {}) if not train else None
     cached = lambda b: store is not None and all(k in store for k, _ in b)
-    loader = iter(torch.utils.data.DataLoader(_Decode(ds.files, S, resize), batch_sampler=[b for b in plan if b and not cached(b)],
+    todo = [b for b in plan if b and not cached(b)]
+    loader = iter(torch.utils.data.DataLoader(_Decode(ds.files, S, resize), batch_sampler=todo,
                                               num_workers=workers, pin_memory=torch.cuda.is_available()))
     for b in plan:  # a rank whose slice is empty still yields, so all ranks take the same number of steps
         if not b:

@@ -7,18 +7,17 @@ key/value pair (P^K_j, P^V_j) living directly in that head's key/value space. Pe
 score (mean query . key) picks the top-K experts, which join the tokens in the head's softmax, so one
 forward pass suffices. Equation numbers refer to SPEC.md (the project's algorithm reference).
 
-Wiring: `attach(vit, prompt)` routes the first prompt.layers attention layers of a timm-style ViT (ours in
-vit.py is one) or of torchvision's VisionTransformer through the prompt: in block i, `prompt(i, q, k, v)`
-with the per-head q, k, v of shape (B, H, N, d) replaces `scaled_dot_product_attention(q, k, v)`. After a
-forward, `prompt.router_loss()` gives Eq. 5 for that forward; `prompt.prototype_loss()` gives Eq. 6.
+Wiring: `attach(vit, prompt)` (bottom of this file) makes block i's attention call `prompt(i, q, k, v)`,
+q, k, v: (B, H, N, d), instead of `scaled_dot_product_attention(q, k, v)`. After a forward,
+`prompt.router_loss()` gives Eq. 5 for that forward; `prompt.prototype_loss()` gives Eq. 6.
 
 The training loop drives the state:
     prompt.begin_task()          # before each task: grows the frequently-used set U, snapshots keys
     prompt.dense = True/False    # task-1 warm-up (all experts, no noise, no router loss)
-    prompt.counting = True       # during the usage pass (Section 5): counts top-K hits of raw scores into
-    prompt.end_usage_pass()      # `hits`, then adds them to `usage` (all-reduce `hits` first when distributed)
-Everything the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer,
-so state_dict() saves it. (The released code keeps it in plain attributes and loses it: SPEC section 9.)
+    prompt.counting = True       # during the usage pass (Section 5): counts raw top-K hits into `hits`,
+    prompt.end_usage_pass()      # then adds them to `usage` (all-reduce `hits` first when distributed)
+All the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer, so
+state_dict() saves it (the released code keeps it in plain attributes and loses it: SPEC section 9).
 """
 import math
 import types
@@ -39,7 +38,7 @@ class SMoPE(nn.Module):
             raise ValueError(f"top_k must be between 1 and the number of experts ({experts}), got {top_k}")
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}: choose one of {', '.join(GATES)}")
-        if eps < 0 or layers < 1 or heads < 1 or head_dim < 1:
+        if eps < 0 or min(layers, heads, head_dim) < 1:
             raise ValueError("eps must be >= 0 and layers, heads, head_dim >= 1")
         self.layers, self.heads, self.head_dim, self.experts = layers, heads, head_dim, experts
         self.top_k, self.eps, self.gate = top_k, eps, gate
@@ -47,19 +46,15 @@ class SMoPE(nn.Module):
         self.counting = False  # usage pass: add raw top-K hits to `hits`
         self.fused = fused     # exact fast path (merged expert column + SDPA); False = materialised softmax
         shape = (layers, heads, experts, head_dim)
-        # U(0,1) init as in the released code
-        self.keys = nn.Parameter(torch.rand(shape))    # P^K: (L, H, E, d)
+        self.keys = nn.Parameter(torch.rand(shape))    # P^K: (L, H, E, d), U(0,1) as the released code
         self.values = nn.Parameter(torch.rand(shape))  # P^V: (L, H, E, d)
-        if gate != 'linear':
-            # NoRGa (SPEC section 10): alpha and tau per layer, init 1; the caller freezes them after task 1
-            self.alpha = nn.Parameter(torch.ones(layers))
-            self.tau = nn.Parameter(torch.ones(layers))
+        if gate != 'linear':  # NoRGa (SPEC section 10): per layer, init 1; callers freeze them after task 1
+            self.alpha, self.tau = nn.Parameter(torch.ones(layers)), nn.Parameter(torch.ones(layers))
         self.register_buffer('usage', torch.zeros(layers, heads, experts, dtype=torch.long))  # F (Section 5)
         self.register_buffer('frequent', torch.zeros(layers, heads, experts, dtype=torch.bool))  # U
         self.register_buffer('keys_old', torch.zeros(shape))  # key snapshot for Eq. 6
         self.register_buffer('task', torch.zeros((), dtype=torch.long))  # tasks begun
-        # counts of the running usage pass, kept apart so that distributed runs can sum them over
-        # processes before they join `usage` (end_usage_pass)
+        # the running usage pass's counts, apart so that ranks can sum them before they join `usage`
         self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)
         self._route = []  # per prompted layer of the last training forward: (s, selected, range)
 
@@ -95,7 +90,7 @@ class SMoPE(nn.Module):
                     eps = self.eps * self.frequent[i]
                 elif self.counting:  # usage pass: no exclusion, so the counts say how this task itself routes
                     eps = s.new_zeros(E)
-                else:                # released code only: exclude experts no task ever selected (SPEC section 9)
+                else:                # released code only: exclude experts never selected (SPEC section 9)
                     eps = 2.0 * (self.usage[i] == 0)
                 s_noisy = s.detach() - eps.to(s.dtype) * rng            # (B, H, E)  Eq. 2
                 top = s_noisy.topk(K, dim=-1).indices                   # (B, H, K)
@@ -110,15 +105,14 @@ class SMoPE(nn.Module):
                 g = g + self.alpha[i] * GATES[self.gate](self.tau[i] * g)
             g = g.masked_fill(~selected, float('-inf'))                 # unselected: absent from the softmax
             if self.fused:
-                # Section 3 identity: the selected experts' logits are the same for every query token, so
-                # they merge into ONE key/value column with logit logsumexp(g) and value softmax(g) @ P^V.
+                # Section 3: selected experts have the same logit for every query token, so they merge into
+                # ONE key/value column with logit logsumexp(g) and value softmax(g) @ P^V
                 lse = g.logsumexp(-1)                                   # (B, H)
                 pv = torch.einsum('bhe,hed->bhd', g.softmax(-1), self.values[i])  # (B, H, d)
         if self.fused:
-            # The merged column's logit enters through one extra key dimension met by a constant 1 in every
-            # query, not as a float mask: flash attention takes no mask and CPU's fused kernel none that needs
-            # a gradient, so SDPA keeps a fused kernel forward and backward. 8 extra dims keep head dims x8.
-            q2 = F.pad(q, (0, 8))                                       # (B, H, N, d+8)
+            # lse enters through an extra key dimension met by a constant 1 in every query, not a float mask
+            # (flash takes no mask, CPU's fused kernel none with a gradient), so SDPA stays fused both ways.
+            q2 = F.pad(q, (0, 8))                                       # (B, H, N, d+8): head dims x8
             q2[..., d] = 1
             k2 = F.pad(k, (0, 8, 1, 0))                                 # (B, H, 1+N, d+8)  row 0: merged key
             k2[:, :, 0, d] = lse * math.sqrt(d)                         # so that its logit is exactly lse
@@ -171,9 +165,9 @@ def attach(model, prompt):
     """Route the first `prompt.layers` attention layers of `model` through `prompt`, so that the model's own
     forward runs SMoPE; returns the model. Understands timm-style ViTs (`blocks[i].attn` with `qkv`,
     `num_heads`, `proj`, and where present `q_norm`, `k_norm`, `norm`, `attn_drop`, `proj_drop`; vit.ViT is
-    one) and torchvision's VisionTransformer (`encoder.layers[i].self_attention`, an nn.MultiheadAttention).
-    The prompt becomes `model.smope`, so model.to(), .train() and .eval() reach it: freeze the backbone
-    BEFORE attaching. Attaching again replaces the previous prompt; attach(model, None) removes it."""
+    one) and torchvision's VisionTransformer (`encoder.layers[i].self_attention`). The prompt becomes
+    `model.smope` (.to(), .train(), .eval() reach it): freeze the backbone BEFORE attaching. Attaching again
+    replaces the prompt; attach(model, None) removes it."""
     if hasattr(model, 'blocks'):
         attns, forward = [b.attn for b in model.blocks], _timm_attention
     elif hasattr(getattr(model, 'encoder', None), 'layers'):
@@ -183,20 +177,20 @@ def attach(model, prompt):
                          'encoder.layers[i].self_attention (torchvision VisionTransformer)')
     layers = 0 if prompt is None else prompt.layers
     if len(attns) < layers:
-        raise ValueError(f'attach: the prompt has {layers} layers, {type(model).__name__} {len(attns)} blocks')
+        raise ValueError(f'attach: the prompt has {layers} layers, {type(model).__name__} '
+                         f'{len(attns)} blocks')
     for i, a in enumerate(attns[:layers]):
         found, want = _shape(a), (prompt.heads, prompt.head_dim, 0.0)
         if found != want:  # dropout too: the merged expert column (Section 3) cannot drop single experts
-            raise ValueError(f'attach: block {i} attention ({type(a).__name__}) has (heads, head dim, dropout) '
-                             f'{found}; the prompt needs {want}')
+            raise ValueError(f'attach: block {i} attention ({type(a).__name__}) has (heads, head dim, '
+                             f'dropout) {found}; the prompt needs {want}')
     for i, a in enumerate(attns):
-        a.__dict__.pop('forward', None)  # undo a previous attach
-        a.__dict__.pop('smope_layer', None)
+        for name in ('forward', 'smope_layer'):  # undo a previous attach
+            a.__dict__.pop(name, None)
         if i < layers:
             a.forward, a.smope_layer = types.MethodType(forward, a), (prompt, i)
-    if prompt is None:
-        model._modules.pop('smope', None)
-    else:
+    model._modules.pop('smope', None)
+    if prompt is not None:
         model.smope = prompt
     return model
 
@@ -204,15 +198,13 @@ def attach(model, prompt):
 def _shape(a):  # (heads, head dim, attention dropout) of an attention attach can route, else what it lacks
     if isinstance(a, nn.MultiheadAttention):
         return (a.num_heads, a.head_dim, float(a.dropout)) if a.batch_first else 'batch_first=False'
-    if not (isinstance(getattr(a, 'qkv', None), nn.Linear) and hasattr(a, 'proj') and hasattr(a, 'num_heads')):
+    if not (isinstance(getattr(a, 'qkv', None), nn.Linear) and hasattr(a, 'proj') 
+            and hasattr(a, 'num_heads')):
         return 'no qkv Linear, num_heads and proj'
     if getattr(a, 'gate', None) is not None:  # timm's gated attention: not a plain prefix-tuning target
         return 'an output gate'
-    return a.num_heads, a.qkv.out_features // (3 * a.num_heads), float(getattr(getattr(a, 'attn_drop', 0), 'p', 0))
-
-
-def _heads(qkv, B, N, H):  # (B, N, 3 * H * d) -> q, k, v, each (B, H, N, d); rows [q; k; v] as timm and torchvision
-    return qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)
+    drop = float(getattr(getattr(a, 'attn_drop', None), 'p', 0))
+    return a.num_heads, a.qkv.out_features // (3 * a.num_heads), drop
 
 
 def _timm_attention(self, x, attn_mask=None, is_causal=False):
@@ -220,7 +212,7 @@ def _timm_attention(self, x, attn_mask=None, is_causal=False):
     if attn_mask is not None or is_causal:
         raise ValueError('SMoPE attention is self-attention without masks')
     B, N, _ = x.shape
-    q, k, v = _heads(self.qkv(x), B, N, self.num_heads)
+    q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, N, d) each
     q, k = getattr(self, 'q_norm', nn.Identity())(q), getattr(self, 'k_norm', nn.Identity())(k)
     x = getattr(self, 'norm', nn.Identity())(prompt(i, q, k, v).transpose(1, 2).reshape(B, N, -1))
     return getattr(self, 'proj_drop', nn.Identity())(self.proj(x))
@@ -232,5 +224,6 @@ def _torchvision_attention(self, query, key, value, key_padding_mask=None, need_
     if not query is key is value or key_padding_mask is not None or attn_mask is not None or is_causal:
         raise ValueError('SMoPE attention is self-attention without masks')
     B, N, W = query.shape
-    q, k, v = _heads(F.linear(query, self.in_proj_weight, self.in_proj_bias), B, N, self.num_heads)
+    qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)   # rows [q; k; v], as timm's qkv
+    q, k, v = qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     return self.out_proj(prompt(i, q, k, v).transpose(1, 2).reshape(B, N, W)), None

@@ -644,6 +644,26 @@ def test_attach_timm_layout():
     one_line_error(attach, model, prompt, match=r'block 1 .*0.1\)')
 
 
+def test_readme_loop_runs(cifar_dir, monkeypatch, capsys):
+    """The README's copy-paste continual-learning loop, run as written except for a tiny ViT and prompt, on fake
+    CIFAR-100 files in torchvision's layout (so the README's code cannot rot)."""
+    readme = (Path(__file__).parent / 'README.md').read_text()
+    code = readme.split('## Use smope.py in your own project', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+    for old, new in [("torchvision.models.vit_b_16(weights='IMAGENET1K_V1')",
+                      'torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 128)'),
+                     ('SMoPE(layers=6, heads=12, head_dim=64, experts=25, top_k=5)',
+                      'SMoPE(layers=2, heads=4, head_dim=16, experts=6, top_k=2)')]:
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(cifar_dir)
+    (cifar_dir / 'data').symlink_to(cifar_dir)  # the loop reads ./data/cifar-100-python
+    torch.manual_seed(0)
+    exec(compile(code, 'README.md', 'exec'), {})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('task ')]
+    assert [line.split(':')[0] for line in lines] == [f'task {t}' for t in range(1, 11)]
+    assert all(line.endswith(f'over {10 * t} classes') for t, line in enumerate(lines, 1))
+
+
 def test_attach_real_timm(tmp_path):
     timm = pytest.importorskip('timm')
     torch.manual_seed(0)
@@ -1459,3 +1479,13 @@ def test_bench_smoke(tmp_path, capsys):
     assert res['fused_vs_ref_max_abs_diff'] < 1e-4
     assert res['params'] == dict(backbone=85_798_656, prompt=230_400, head=76_900)
     assert json.loads(path.read_text())['ms'] == res['ms']
+
+
+def test_bench_pipeline_and_schedule(tmp_path, capsys):
+    res = bench.main(['--pipeline', '--images', '24', '--batch-size', '8', '--workers', '0', '2'])
+    assert res['same_batches_for_every_worker_count'] and set(res['images_per_s']) == {0, 2}
+    assert all(v > 0 for v in res['images_per_s'].values()) and 'workers  2' in capsys.readouterr().out
+    res = bench.main(['--schedule', '--per-class', '2', '--train-args', '--arch tiny --prompt-layers 2 --experts 8 '
+                      '--top-k 2 --epochs 1 --stop-after 2 --batch-size 20 --ca-epochs 1', '--json', str(tmp_path / 's')])
+    assert set(res['step_seconds']) == set(train.STEPS) and res['step_seconds']['alignment'] > 0
+    assert json.loads((tmp_path / 's').read_text())['wall_seconds'] == res['wall_seconds'] > 0

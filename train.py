@@ -61,13 +61,13 @@ def parse_args(argv=None):
     a('--tasks', type=int, default=None, help='10 (synthetic: 5)')
     a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
       "sup21k), pixels in [0,1] without normalisation, fp32; everything else is the released row anyway")
-    a('--epochs', type=int, default=None, help='epochs per task (20); task 1 adds half of it as dense warm-up')
+    a('--epochs', type=int, default=None, help='epochs per task (20); task 1 adds half as dense warm-up')
     a('--batch-size', type=int, default=None, help='GLOBAL batch, split across torchrun ranks')
     a('--lr', type=float, default=None, help='head lr; prompts get 5x')
     a('--iter-step', type=int, default=None, help='schedule entries per epoch (SPEC section 6): the released '
       "row's; where none exists (other tasks or batch size), ceil(task images / batch)")
-    a('--hold', type=int, default=None, help="schedule entries at lr 1e-6 before the cosine: the released row's; "
-      'where none exists, round(iter_step x epochs / 20), one epoch in 20 as the ImageNet-R rows')
+    a('--hold', type=int, default=None, help="schedule entries at lr 1e-6 before the cosine: the released "
+      "row's; where none exists, round(iter_step x epochs / 20), one epoch in 20 as the ImageNet-R rows")
     a('--experts', type=int, default=None, help='experts per layer and head (25)')
     a('--top-k', type=int, default=None, help='active experts per image (5)')
     a('--prompt-layers', type=int, default=None, help='prompted blocks, counted from the first (6)')
@@ -77,13 +77,15 @@ def parse_args(argv=None):
     a('--ca-epochs', type=int, default=None, help='classifier alignment epochs')
     a('--ca-ratio', type=int, default=None, help='alignment samples per class = batch size x ratio')
     a('--ca-lr', type=float, default=None, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
-    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'], help='linear = SMoPE; others = NoRGa')
+    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'],
+      help='linear = SMoPE; others = NoRGa')
     a('--arch', default=None, choices=['vit_b_16', 'tiny'])
     a('--weights', default=None, help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC "
       "section 7), a torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
-    a('--normalize', default=None, choices=['backbone', 'none'], help="'none' = pixels in [0,1] (the released "
-      "code); default: the backbone's own mean and std")
-    a('--split', default='fixed', choices=['fixed', 'random'], help='imagenet-r: the shared 24k/6k lists, or seeded 80/20')
+    a('--normalize', default=None, choices=['backbone', 'none'],
+      help="'none' = pixels in [0,1] (the released code); default: the backbone's own mean and std")
+    a('--split', default='fixed', choices=['fixed', 'random'],
+      help='imagenet-r: the released 24k/6k lists, or seeded 80/20')
     a('--seeds', type=int, nargs='+', default=[0])
     a('--data-dir', default='data')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
@@ -112,15 +114,17 @@ def parse_args(argv=None):
     row = dict(released or PAPER[next(k for k in PAPER if k[0] == args.dataset)])
     schedule = {k: row.pop(k) for k in ('iter_step', 'hold') if k in row}
     defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
-                    weights=RELEASED_BACKBONE[args.dataset] if args.paper else 'IMAGENET1K_V1',
-                    normalize='none' if args.paper else 'backbone', precision='fp32' if args.paper else 'auto')
+                    weights='IMAGENET1K_V1', normalize='backbone', precision='auto')
+    if args.paper:
+        defaults.update(weights=RELEASED_BACKBONE[args.dataset], normalize='none', precision='fp32')
     for k, v in {**defaults, **row}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if released and args.batch_size == row['batch_size']:  # the released schedule table, only for its own row
         for k, v in schedule.items():
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.precision = ('bf16' if args.device.startswith('cuda') else 'fp32') if args.precision == 'auto' else args.precision
+    if args.precision == 'auto':
+        args.precision = 'bf16' if args.device.startswith('cuda') else 'fp32'
     args.weights = None if str(args.weights).lower() == 'none' else args.weights
     args.eps = args.eps if args.noise else 0.0
     args.router_weight = args.router_weight if args.router else 0.0
@@ -139,11 +143,12 @@ def parse_args(argv=None):
 # the released schedules (SPEC section 6)
 
 def lr_schedule(args, n_images, epochs):
-    """(prompt lr, head lr) for each optimizer step of one phase over n_images: floor(n_images / batch) steps per
-    epoch, the last incomplete batch being dropped. Step k takes entry k of the released CosineSchedulerIter
-    table of iter_step x epochs entries: `hold` entries at 1e-6 for both groups, then a cosine from the group's
-    base (prompts 5 x lr) to 1e-6, and 1e-6 past the table's end, as the released scheduler returns there.
-    CUB-200's released script steps a per-epoch cosine instead: base * cos(99 pi e / (200 (epochs - 1)))."""
+    """(prompt lr, head lr) for each optimizer step of one phase over n_images: floor(n_images / batch)
+    steps per epoch, the last incomplete batch being dropped. Step k takes entry k of the released
+    CosineSchedulerIter table of iter_step x epochs entries: `hold` entries at 1e-6 for both groups, then a
+    cosine from the group's base (prompts 5 x lr) to 1e-6, and 1e-6 past the table's end, as the released
+    scheduler returns there. CUB-200's released script steps a per-epoch cosine instead:
+    base * cos(99 pi e / (200 (epochs - 1)))."""
     per_epoch = n_images // args.batch_size
     bases = (5 * args.lr, args.lr)
     if args.dataset == 'cub200':
@@ -193,7 +198,7 @@ class Run:
     ddp: nn.Module            # model, or its DistributedDataParallel wrapper under torchrun
     train_set: data.Images
     test_set: data.Images
-    y_train: torch.Tensor     # (N,) labels in class-order positions: task t owns [t * per_task, (t+1) * per_task)
+    y_train: torch.Tensor     # (N,) labels in class-order positions: task t owns [t, t + 1) * per_task
     y_test: torch.Tensor
     per_task: int             # classes per task
     feed: dict                # data.batches settings
@@ -226,8 +231,8 @@ def run(args, seed, rank, world, device):
     r = setup(args, seed, rank, world, device)
     start = resume(r) if args.resume else 0
     r.log(f'seed {seed}: {r.stats["mean"].shape[0]} classes in {args.tasks} tasks, '
-          f'{r.metrics["trainable_params"]:,} trainable parameters ({r.metrics["prompt_params"]:,} in prompts), '
-          f'device {device}, {args.precision}, {world} process(es)')
+          f'{r.metrics["trainable_params"]:,} trainable parameters '
+          f'({r.metrics["prompt_params"]:,} in prompts), {device}, {args.precision}, {world} rank(s)')
     for t in range(start, min(args.tasks, args.stop_after or args.tasks)):
         t0, lo, hi = time.time(), t * r.per_task, (t + 1) * r.per_task
         task = Task(t, lo, hi, torch.nonzero((r.y_train >= lo) & (r.y_train < hi)).squeeze(1).cpu())
@@ -264,15 +269,15 @@ def setup(args, seed, rank, world, device):
     feed = dict(device=device, image_size=vit.image_size, mean=vit.mean if normalize else None,
                 std=vit.std if normalize else None, rank=rank, world=world, workers=args.workers,
                 resize='cifar' if args.dataset in ('cifar100', 'synthetic') else 'imagenet')
-    r = Run(args, model, nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model,
-            train_set, test_set, data.remap(train_set.labels, order).to(device),
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    r = Run(args, model, ddp, train_set, test_set, data.remap(train_set.labels, order).to(device),
             data.remap(test_set.labels, order).to(device), len(data.split_tasks(order, args.tasks)[0]), feed,
             os.path.join(args.out, f'seed{seed}'), rank, world, device,
             torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000))
     r.stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
     r.metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[],
-                     step_seconds=dict.fromkeys(STEPS, 0.0), config={k: getattr(args, k) for k in RESULT_KEYS},
-                     seed=seed, world_size=world, weights_sha256=vit.weights_sha256,
+                     step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
+                     config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                      prompt_params=prompt.keys.numel() + prompt.values.numel())
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
@@ -324,27 +329,32 @@ def timed(r, step):
 
 
 def phases(args, t):
-    """SPEC section 6 step 1: task 1 opens with a dense warm-up of int(epochs / 2) epochs, then the main phase."""
-    warmup = [('warm-up', True, max(1, args.epochs // 2))] if t == 0 and args.warmup and not args.dense else []
+    """SPEC section 6 step 1: task 1 opens with a dense warm-up of int(epochs / 2) epochs; then the main
+    phase."""
+    first = t == 0 and args.warmup and not args.dense
+    warmup = [('warm-up', True, max(1, args.epochs // 2))] if first else []
     return warmup + [('train', args.dense, args.epochs)]
 
 
 def train_phase(r, task, name, dense, epochs):
     """SPEC section 6 step 2, one phase: a fresh AdamW and schedule, shuffled full global batches (drop_last),
-    CE over the current task's classes + router loss (Eq. 5) + prototype loss (Eq. 6). -> (images, seconds)."""
+    CE over the current task's classes + router loss (Eq. 5) + prototype loss (Eq. 6).
+    Returns (images, seconds) for the images/s in metrics."""
     args, prompt, head = r.args, r.model.prompt, r.model.head
     prompt.dense = dense
     # NoRGa's alpha and tau train on task 1 only, then stay out of the optimizer (frozen)
-    trainable = [prompt.keys, prompt.values] + ([prompt.alpha, prompt.tau] if args.gate != 'linear' and task.t == 0 else [])
-    opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0, weight_decay=0.0)
+    trainable = [prompt.keys, prompt.values]
+    trainable += [prompt.alpha, prompt.tau] if args.gate != 'linear' and task.t == 0 else []
+    opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0,
+                            weight_decay=0.0)  # lr: set from the schedule at every step
     schedule = iter(lr_schedule(args, len(task.idx), epochs))
     images, seconds = 0, 0.0
     for epoch in range(epochs):
         r.model.train()
         e0, tot = time.time(), torch.zeros(3, device=r.device, dtype=torch.float64)  # CE sum, hits, images
         bad = torch.full((), -1, device=r.device)  # first step with a non-finite loss; checked once per epoch
-        batches = data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen, drop_last=True, **r.feed)
-        for j, (x, i) in enumerate(batches):
+        for j, (x, i) in enumerate(data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen,
+                                                drop_last=True, **r.feed)):
             for group, lr in zip(opt.param_groups, next(schedule)):
                 group['lr'] = lr
             y = r.y_train[i]
@@ -359,11 +369,12 @@ def train_phase(r, task, name, dense, epochs):
             (loss * len(y) * r.world / args.batch_size).backward()
             opt.step()
             bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), j, bad)
-            tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=r.device)])
+            tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), y.new_tensor(len(y))])
         all_sum(tot, r.world)
         if bad.item() >= 0:
-            raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, step '
-                                     f'{bad.item() + 1}: lower --lr; {ckpt_path(r)} holds the last completed task')
+            raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, '
+                                     f'step {bad.item() + 1}: lower --lr; {ckpt_path(r)} holds the last '
+                                     'completed task')
         dt = time.time() - e0
         images, seconds = images + tot[2].item(), seconds + dt
         r.log(f'task {task.t + 1}/{args.tasks} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / tot[2]:.4f} '
@@ -374,14 +385,15 @@ def train_phase(r, task, name, dense, epochs):
 
 
 def usage_pass(r, task):
-    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over ALL of the task's
-    training images (the released loader drops its last batch here too: SPEC section 9), summed over ranks.
-    Training augmentation as the released code (--no-augment turns it off)."""
+    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over ALL of the
+    task's training images (the released loader drops its last batch here too: SPEC section 9), summed over
+    ranks. Training augmentation as the released code (--no-augment turns it off)."""
     prompt = r.model.prompt
     r.model.eval()
     prompt.counting = True
     with torch.no_grad():
-        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen,
+                                 **r.feed):
             if len(i):
                 with r.autocast():
                     r.model.features(x)
@@ -396,22 +408,25 @@ def class_statistics(r, task):
     r.model.eval()
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
     with torch.no_grad():
-        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen,
+                                 **r.feed):
             if len(i):
                 with r.autocast():
                     f = r.model.features(x).double()
                 sums[0].index_add_(0, r.y_train[i], f)
                 sums[1].index_add_(0, r.y_train[i], f * f)
     all_sum(sums, r.world)
-    n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None].clamp(min=1)
+    n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None]
+    n = n.clamp(min=1)  # images per class, known to every rank
     mean = r.stats['mean'][task.lo:task.hi] = sums[0, task.lo:task.hi] / n
     r.stats['var'][task.lo:task.hi] = (sums[1, task.lo:task.hi] / n - mean ** 2).clamp(min=0)
 
 
 def align_classifier(r, task):
-    """SPEC section 6 step 5: retrain the head on features drawn from N(mu_c, diag(var_c) + 1e-4) of every seen
-    class. Per epoch the released code draws batch x ratio samples per class, shuffles them and uses the first
-    crct_num = (classes of earlier tasks) batches; drawing only the samples it uses gives the same distribution."""
+    """SPEC section 6 step 5: retrain the head on features drawn from N(mu_c, diag(var_c) + 1e-4) of every
+    seen class. Per epoch the released code draws batch x ratio samples per class, shuffles them and uses the
+    first crct_num = (classes of earlier tasks) batches; drawing only the samples it uses gives the same
+    distribution."""
     args, head, seen, earlier = r.args, r.model.head, task.hi, task.lo
     per = args.batch_size * args.ca_ratio
     opt = torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=5e-4)
@@ -466,13 +481,13 @@ def record(r, task, row, seconds, images_per_second):
 
 
 def save_checkpoint(r, task):
-    """After every task, by rank 0, atomically: all a resumed run needs to end exactly as an uninterrupted one.
-    The run folder appears with the first checkpoint, so a run that fails before it leaves no folder behind."""
+    """After every task, by rank 0, atomically: all a resumed run needs to end exactly as an uninterrupted
+    one. The run folder appears with the first checkpoint: a run that fails before it leaves no folder."""
     if r.rank == 0:
         os.makedirs(r.out, exist_ok=True)
-        atomic_save(dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
-                         metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state()),
-                    ckpt_path(r))
+        state = dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
+                     metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state())
+        atomic_save(state, ckpt_path(r))
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
 
 
@@ -482,8 +497,9 @@ def finish(r):
         return
     log_matrix(r.metrics['acc'], r.log)
     steps = r.metrics['step_seconds']
+    peak = max(r.metrics['peak_memory_mb']) / 1024
     r.log('time per protocol step: ' + ' | '.join(f'{k} {v:.1f}s' for k, v in steps.items()) +
-          f' | total {sum(steps.values()):.1f}s; peak memory {max(r.metrics["peak_memory_mb"]) / 1024:.2f} GiB')
+          f' | total {sum(steps.values()):.1f}s; peak memory {peak:.2f} GiB')
     if r.rank == 0:
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
         plot(r.metrics['acc'], os.path.join(r.out, 'accuracy.png'))
@@ -519,16 +535,17 @@ def summarise(acc):
     T = len(acc)
     faa = sum(acc[-1]) / T
     caa = sum(sum(row) / len(row) for row in acc) / T
-    ffm = sum(max(acc[t][i] for t in range(i, T - 1)) - acc[-1][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
+    ffm = sum(max(acc[t][i] for t in range(i, T - 1)) - acc[-1][i] for i in range(T - 1)) / max(1, T - 1)
     return dict(faa=faa, caa=caa, forgetting=ffm)
 
 
 def usage_line(prompt):
     used = (prompt.usage > 0).sum(-1).float()  # (L, H)
     top = prompt.usage_shares().amax(-1)       # (L, H)
-    return (f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, frequent '
-            'set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
-                                  f'{prompt.frequent[l].sum(-1).float().mean():.1f}' for l in range(prompt.layers)))
+    freq = prompt.frequent.sum(-1).float()     # (L, H)
+    return (f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, '
+            'frequent set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
+                                           f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
 
 
 def log_matrix(acc, log):
@@ -554,7 +571,8 @@ def plot(acc, path):
     ax.set_yticks(range(T), range(1, T + 1))
     for t in range(T):
         for i in range(t + 1):
-            ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', color='w' if acc[t][i] < 60 else 'k', fontsize=8)
+            ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
+                    color='w' if acc[t][i] < 60 else 'k')
     ax.set_xlabel('task evaluated')
     ax.set_ylabel('after training task')
     fig.colorbar(im, ax=ax, label='accuracy (%)')

@@ -49,7 +49,8 @@ class ViT(nn.Module):
     def __init__(self, image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072):
         super().__init__()
         assert image_size % patch_size == 0 and width % heads == 0
-        self.image_size, self.patch_size, self.width, self.depth, self.heads = image_size, patch_size, width, depth, heads
+        self.image_size, self.patch_size, self.width, self.depth = image_size, patch_size, width, depth
+        self.heads = heads
         self.head_dim = width // heads
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # input normalisation the weights expect
         self.weights_sha256 = None  # of the weights file loaded (load_weights)
@@ -77,8 +78,9 @@ def vit_b_16(weights=None, image_size=224, download=True):
 # weights: by name (downloaded once into torch's hub cache) or from a file
 
 IMAGENET, HALF = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)  # (mean, std)
-# SPEC section 7: the released code's backbones, all in timm's key layout. No checksums are published for them,
-# so the sha256 of the file actually read is reported instead. name: (url, file in the hub cache, normalisation)
+# SPEC section 7: the released code's backbones, all in timm's key layout. No checksums are published for
+# them, so the sha256 of the file actually read is reported instead.
+# name: (url, file name in torch's hub cache, the (mean, std) it was trained with)
 HF = 'https://huggingface.co/timm/vit_base_patch16_224.{}/resolve/main/pytorch_model.bin'
 BACKBONES = {
     'sup21k': (HF.format('augreg_in21k'), 'vit_base_patch16_224.augreg_in21k.bin', HALF),
@@ -86,15 +88,16 @@ BACKBONES = {
     'dino1k': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
                'dino_vitbase16_pretrain.pth', IMAGENET),
     'ibot1k': ('https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/'
-               'checkpoint_teacher.pth', 'ibot_vitb16_checkpoint_teacher.pth', IMAGENET),  # under 'state_dict'
+               'checkpoint_teacher.pth', 'ibot_vitb16_checkpoint_teacher.pth', IMAGENET),  # in 'state_dict'
 }
 
 _TV_TO_OURS = [  # applied in order to every torchvision key
     (r'^conv_proj\.', 'patch_embed.proj.'), (r'^class_token$', 'cls_token'),
     (r'^encoder\.pos_embedding$', 'pos_embed'), (r'^encoder\.ln\.', 'norm.'),
-    (r'^encoder\.layers\.encoder_layer_(\d+)\.', r'blocks.\1.'), (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
+    (r'^encoder\.layers\.encoder_layer_(\d+)\.', r'blocks.\1.'),
+    (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
     (r'\.self_attention\.in_proj_', '.attn.qkv.'), (r'\.self_attention\.out_proj\.', '.attn.proj.'),
-    (r'\.mlp\.(0|linear_1)\.', '.mlp.fc1.'), (r'\.mlp\.(3|linear_2)\.', '.mlp.fc2.'),  # linear_N: older tv files
+    (r'\.mlp\.(0|linear_1)\.', '.mlp.fc1.'), (r'\.mlp\.(3|linear_2)\.', '.mlp.fc2.'),  # linear_N: old files
 ]
 
 
@@ -102,14 +105,15 @@ def _tv_weights(name):
     """torchvision enum name -> (enum member, mean, std), without downloading anything."""
     from torchvision.models import ViT_B_16_Weights as W
     if name not in W.__members__:
-        raise ValueError(f"unknown weights {name!r}: use None, a checkpoint path, one of {', '.join(BACKBONES)}, "
-                         f"or one of {', '.join(W.__members__)}")
+        raise ValueError(f"unknown weights {name!r}: use None, a checkpoint path, one of "
+                         f"{', '.join(BACKBONES)}, or one of {', '.join(W.__members__)}")
     t = W[name].transforms()
     return W[name], tuple(t.mean), tuple(t.std)
 
 
 def resolve(weights, download=True):
-    """weights name or path -> (local file, (mean, std) or None to go by the key layout, sha256 prefix or None)."""
+    """weights name or path -> (local file, (mean, std) or None to go by the key layout, sha256 prefix or
+    None)."""
     if weights in BACKBONES:
         url, name, norm = BACKBONES[weights]
         return cached(url, name, download), norm, None
@@ -126,9 +130,10 @@ def cached(url, name, download, hash_prefix=None):
     if os.path.isfile(path):
         return path
     if not download:
-        raise FileNotFoundError(f'{path} not found and downloads are off (--no-download): fetch {url} to that path')
+        raise FileNotFoundError(f'{path} not found and downloads are off (--no-download): '
+                                f'fetch {url} to that path')
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:  # torch.hub writes a temporary file beside the target and renames it once complete (and hash-checked)
+    try:  # torch.hub writes a temporary file beside the target and renames it once complete and checked
         torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=True)
     except Exception as e:
         raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
@@ -146,20 +151,24 @@ def sha256(path):
 
 def _read(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin/.safetensors file or an enum name)")
+        raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin/.safetensors file "
+                                "or a weights name)")
     if path.endswith('.safetensors'):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the safetensors package: pip install safetensors") from None
+            raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
+                             "pip install safetensors") from None
         load = load_file
     else:
         load = lambda p: torch.load(p, map_location='cpu', weights_only=True)
     try:
         sd = load(path)
     except Exception as e:
-        what = 'not a readable safetensors file' if path.endswith('.safetensors') else 'not a PyTorch checkpoint'
-        raise ValueError(f"{path}: {what} ({type(e).__name__}); expected a state dict saved with torch.save or safetensors") from e
+        st = path.endswith('.safetensors')
+        what = 'not a readable safetensors file' if st else 'not a PyTorch checkpoint'
+        raise ValueError(f"{path}: {what} ({type(e).__name__}); expected a state dict saved with torch.save "
+                         "or safetensors") from e
     for k in ('state_dict', 'model'):  # training checkpoints often wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
@@ -179,8 +188,10 @@ def _to_ours(sd, src):
     elif 'patch_embed.proj.weight' in sd or any(k.startswith('blocks.') for k in sd):
         layout = 'timm'
     else:
-        raise ValueError(f"{src}: key layout not recognised as torchvision or timm ViT (first keys: {', '.join(list(sd)[:4])})")
-    return {k: v for k, v in sd.items() if not k.startswith(('heads.', 'head.', 'pre_logits.'))}, layout  # no classifiers
+        raise ValueError(f"{src}: key layout not recognised as torchvision or timm ViT "
+                         f"(first keys: {', '.join(list(sd)[:4])})")
+    classifier = ('heads.', 'head.', 'pre_logits.')
+    return {k: v for k, v in sd.items() if not k.startswith(classifier)}, layout
 
 
 def _resize_pos(pe, n):
@@ -203,30 +214,32 @@ def _guess(sd):
 
 
 def load_weights(model, weights, download=True):
-    """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path. Sets model.mean,
-    model.std (the input normalisation the weights expect) and model.weights_sha256 (of the file read). Strict; the
-    model is untouched on error."""
+    """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path.
+    Sets model.mean, model.std (the input normalisation the weights expect) and model.weights_sha256 (of the
+    file read). Strict; the model is untouched on error."""
     if weights is None:
         return model
     weights = os.fspath(weights)
     path, norm, prefix = resolve(weights, download)
     digest = sha256(path) if os.path.isfile(path) else None
     if prefix and not digest.startswith(prefix):
-        raise ValueError(f'{path}: sha256 {digest} does not start with the {prefix} of its name (a corrupt download?): '
-                         'delete it to download it again')
+        raise ValueError(f'{path}: sha256 {digest} does not start with the {prefix} of its name (a corrupt '
+                         'download?): delete it to download it again')
     sd, layout = _to_ours(_read(path), weights)
-    mean, std = norm or (IMAGENET if layout == 'torchvision' else HALF)  # timm's augreg ViTs train with 0.5/0.5
+    mean, std = norm or (IMAGENET if layout == 'torchvision' else HALF)  # timm's augreg ViTs: 0.5/0.5
     ours = model.state_dict()
     pe, want = sd.get('pos_embed'), ours['pos_embed'].shape
     if pe is not None and pe.dim() == 3 and pe.shape != want and pe.shape[2] == want[2]:
         sd['pos_embed'] = _resize_pos(pe, want[1] - 1)  # e.g. SWAG E2E: 24x24 grid -> 14x14
     # check everything before copying anything, so a failed load never leaves a half-loaded model
-    bad = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in sd.items() if k in ours and v.shape != ours[k].shape]
+    bad = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in sd.items()
+           if k in ours and v.shape != ours[k].shape]
     bad += [f"missing {k}" for k in ours if k not in sd] + [f"unexpected {k}" for k in sd if k not in ours]
     if bad:
         more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
-        raise ValueError(f"{weights}: {layout} checkpoint does not fit ViT(width={model.width}, depth={model.depth}, "
-                         f"patch={model.patch_size}): {'; '.join(bad[:4])}{more}; {_guess(sd)}; build a ViT to match")
+        raise ValueError(f"{weights}: {layout} checkpoint does not fit ViT(width={model.width}, "
+                         f"depth={model.depth}, patch={model.patch_size}): {'; '.join(bad[:4])}{more}; "
+                         f"{_guess(sd)}; build a ViT to match")
     model.load_state_dict(sd, strict=True)
     model.mean, model.std, model.weights_sha256 = tuple(mean), tuple(std), digest
     return model
