@@ -175,11 +175,11 @@ def fetch(url, path, md5=None, sha256=None):
         torch.hub.download_url_to_file(url, str(tmp), progress=True)
         if md5 or sha256:
             verify(tmp, md5 or sha256, 'md5' if md5 else 'sha256')
+        os.replace(tmp, path)
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
                       "or fetch the file there yourself") from None
-    os.replace(tmp, path)
 
 
 def fetch_archive(url, data_dir, archive, folder, md5):
@@ -188,6 +188,11 @@ def fetch_archive(url, data_dir, archive, folder, md5):
     data_dir = Path(data_dir)
     if not (data_dir / archive).is_file():
         fetch(url, data_dir / archive, md5=md5)
+    else:  # put there by hand, or left by an older run: checked all the same
+        try:
+            verify(data_dir / archive, md5, 'md5')
+        except ValueError as e:
+            raise ValueError(f'{e}: delete it to download it again') from None
     tmp = data_dir / f'.{folder}.unpacking'
     shutil.rmtree(tmp, ignore_errors=True)
     try:

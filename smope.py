@@ -19,8 +19,8 @@ The training loop drives the state:
 All the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer, so
 state_dict() saves it (the released code keeps it in plain attributes and loses it: SPEC section 9).
 """
+import functools
 import math
-import types
 
 import torch
 import torch.nn as nn
@@ -169,7 +169,7 @@ def attach(model, prompt):
     `model.smope` (.to(), .train(), .eval() reach it): freeze the backbone BEFORE attaching. Attaching again
     replaces the prompt; attach(model, None) removes it."""
     if hasattr(model, 'blocks'):
-        attns, forward = [b.attn for b in model.blocks], _timm_attention
+        attns, forward = [getattr(b, 'attn', None) for b in model.blocks], _timm_attention
     elif hasattr(getattr(model, 'encoder', None), 'layers'):
         attns, forward = [b.self_attention for b in model.encoder.layers], _torchvision_attention
     else:
@@ -188,7 +188,7 @@ def attach(model, prompt):
         for name in ('forward', 'smope_layer'):  # undo a previous attach
             a.__dict__.pop(name, None)
         if i < layers:
-            a.forward, a.smope_layer = types.MethodType(forward, a), (prompt, i)
+            a.forward, a.smope_layer = functools.partial(forward, a), (prompt, i)  # partial: picklable
     model._modules.pop('smope', None)
     if prompt is not None:
         model.smope = prompt
@@ -197,14 +197,18 @@ def attach(model, prompt):
 
 def _shape(a):  # (heads, head dim, attention dropout) of an attention attach can route, else what it lacks
     if isinstance(a, nn.MultiheadAttention):
-        return (a.num_heads, a.head_dim, float(a.dropout)) if a.batch_first else 'batch_first=False'
-    if not (isinstance(getattr(a, 'qkv', None), nn.Linear) and hasattr(a, 'proj') 
-            and hasattr(a, 'num_heads')):
+        plain = a.batch_first and a._qkv_same_embed_dim and a.bias_k is None and not a.add_zero_attn
+        return (a.num_heads, a.head_dim, float(a.dropout)) if plain else 'not plain batch_first self-attn'
+    if not all(hasattr(a, n) for n in ('qkv', 'proj', 'num_heads')) or not isinstance(a.qkv, nn.Linear):
         return 'no qkv Linear, num_heads and proj'
-    if getattr(a, 'gate', None) is not None:  # timm's gated attention: not a plain prefix-tuning target
-        return 'an output gate'
-    drop = float(getattr(getattr(a, 'attn_drop', None), 'p', 0))
-    return a.num_heads, a.qkv.out_features // (3 * a.num_heads), drop
+    # anything else (BEiT/EVA's q_bias, relative position tables, RoPE, timm's output gate) would be dropped
+    known = {'qkv', 'proj', 'q_norm', 'k_norm', 'norm', 'attn_drop', 'proj_drop'}
+    own = [n for n, _ in a.named_parameters(recurse=False)] + [n for n, _ in a.named_buffers(recurse=False)]
+    extra = sorted({n for n, _ in a.named_children()} - known | set(own))
+    d = a.qkv.out_features // (3 * a.num_heads)
+    if extra or abs(getattr(a, 'scale', d ** -0.5) - d ** -0.5) > 1e-9:
+        return f'parts attach does not route: {", ".join(extra) or "a scale other than head_dim ** -0.5"}'
+    return a.num_heads, d, float(getattr(getattr(a, 'attn_drop', None), 'p', 0))
 
 
 def _timm_attention(self, x, attn_mask=None, is_causal=False):

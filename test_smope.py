@@ -508,6 +508,13 @@ def test_attach_routes_replaces_and_detaches():
         attach(m, None)
         assert torch.equal(m(x), base) and not hasattr(m, 'smope') and len(p2.calls) == 2
     assert set(m.state_dict()) == keys
+    attach(m, p)
+    buf = __import__('io').BytesIO()
+    torch.save(m, buf)  # a whole attached model pickles and comes back attached
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), base) and len(twin.smope.calls) == 2 and twin.blocks[0].attn.smope_layer[0] is twin.smope
 
 
 def test_attach_errors():
@@ -519,6 +526,21 @@ def test_attach_errors():
              (nn.Module(), SMoPE(1, 4, 16), r'block 0 attention \(Linear\) has .* no qkv Linear, num_heads and proj')]
     cases[-1][0].blocks = [nn.Module()]
     cases[-1][0].blocks[0].attn = nn.Linear(2, 2)
+    beit = nn.Module()  # BEiT / EVA style: separate q and v biases and a relative position table
+    beit.blocks = [nn.Module()]
+    beit.blocks[0].attn = TimmAttention(64, 4, qk_norm=False)
+    beit.blocks[0].attn.q_bias = nn.Parameter(torch.zeros(64))
+    beit.blocks[0].attn.relative_position_bias_table = nn.Parameter(torch.zeros(9, 4))
+    scaled = nn.Module()
+    scaled.blocks = [nn.Module()]
+    scaled.blocks[0].attn = TimmAttention(64, 4)
+    scaled.blocks[0].attn.scale = 0.1
+    cases += [(beit, SMoPE(1, 4, 16), 'parts attach does not route: q_bias, relative_position_bias_table'),
+              (scaled, SMoPE(1, 4, 16), 'a scale other than head_dim'),
+              (VisionTransformer(**TV_TINY), SMoPE(1, 4, 16), None), (nn.Module(), SMoPE(1, 4, 16), 'no qkv')]
+    cases[-2][0].encoder.layers[0].self_attention = nn.MultiheadAttention(64, 4, add_bias_kv=True, batch_first=True)
+    cases[-1][0].blocks = [nn.Module()]  # a block without .attn
+    cases[-2] = cases[-2][:2] + ('not plain batch_first self-attn',)
     for model, prompt, msg in cases:
         one_line_error(attach, model, prompt, match=msg)
     attach(tv, SMoPE(2, 4, 16))
@@ -1032,6 +1054,11 @@ def test_cub200_split(cub_dir):
     for ds, ks in ((train, {'0', '1'}), (test, {'2'})):
         for f, y in zip(ds.files, ds.labels.tolist()):
             assert os.path.isfile(f) and Path(f).parent.name == f'{y + 1:03d}.Bird_{y}' and Path(f).stem[-1] in ks
+    root = cub_dir / 'CUB_200_2011'  # the labels come from image_class_labels.txt, not from the folder names
+    lines = (root / 'image_class_labels.txt').read_text().splitlines()
+    (root / 'image_class_labels.txt').write_text(''.join(f'{i} {21 - int(c)}\n' for i, c in map(str.split, lines)))
+    swapped, _ = data.load('cub200', data_dir=cub_dir)
+    assert swapped.files == train.files and torch.equal(swapped.labels, 19 - train.labels)
     x, i = next(data.batches(test, torch.arange(3), 3, False, None, 'cpu', image_size=32, resize='imagenet', workers=0))
     ref = TF.center_crop(TF.resize(torchvision.io.decode_image(test.files[0]), [37]), [32, 32])  # Resize(256)+Crop(224)
     assert torch.equal(x[0], ref.float() / 255)
@@ -1227,6 +1254,9 @@ def test_released_schedules(dataset, tasks, n, iter_step, hold, steps):
             assert table[k] == pytest.approx((lr(k, hold, T, 5 * base), lr(k, hold, T, base)), rel=1e-12, abs=0)
         assert table[0] == table[hold - 1] == (1e-6, 1e-6)          # the hold is NOT scaled by 5
         assert table[hold] == pytest.approx((5 * base, base))        # the cosine starts at the group's base
+    if dataset == 'imagenet-r' and tasks == 10:  # literals, computed once by hand from SPEC's formula
+        assert train.lr_schedule(args, n, 20)[400][0] == pytest.approx(0.006766579619529343, rel=1e-12)
+        assert train.lr_schedule(args, n, 20)[739][1] == pytest.approx(4.0512651699604933e-05, rel=1e-12)
     if dataset == 'cifar100':  # two values by hand: entry 440 is mid-cosine, entry 779 near the end
         assert train.lr_schedule(args, n, 20)[440] == pytest.approx((1e-6 + 0.5 * (0.025 - 1e-6), 1e-6 + 0.5 * (0.005 - 1e-6)))
         assert train.lr_schedule(args, n, 20)[779][1] == pytest.approx(1e-6 + 0.5 * (0.005 - 1e-6) *
@@ -1294,7 +1324,7 @@ def test_paper_flags_and_precision():
     assert train.parse_args(['--device', 'cuda', '--precision', 'fp32']).precision == 'fp32'
     for dataset, weights in (('cifar100', 'sup1k'), ('imagenet-r', 'sup1k'), ('cub200', 'sup21k')):
         a = train.parse_args(['--dataset', dataset, '--paper', '--device', 'cuda'])
-        assert (a.weights, a.normalize, a.precision) == (weights, 'none', 'fp32')
+        assert (a.weights, a.normalize, a.precision, a.paper) == (weights, 'none', 'fp32', True)
         assert a.epochs == 20 and a.experts == 25 and a.top_k == 5 and a.ca_lr == 1e-5 and a.augment
     a = train.parse_args(['--dataset', 'imagenet-r', '--tasks', '20', '--paper', '--weights', 'sup21k'])
     assert (a.weights, a.eps, a.ca_ratio, a.iter_step, a.hold) == ('sup21k', 0.3, 4, 20, 20)  # a flag beats --paper
@@ -1412,7 +1442,9 @@ def test_bf16_runs(tmp_path):
 def test_train_bad_inputs(tmp_path, capsys):
     for argv, msg in [(['--top-k', '30', '--experts', '25'], '--top-k must be between 1 and --experts'),
                       (['--bogus'], 'unrecognized arguments'), (['--gate', 'relu'], 'invalid choice'),
-                      (['--arch', 'tiny', '--weights', 'IMAGENET1K_V1'], '--weights needs')]:
+                      (['--arch', 'tiny', '--weights', 'IMAGENET1K_V1'], '--weights needs'),
+                      (['--dataset', 'cub200', '--hold', '3'], 'do not apply to cub200'),
+                      (['--split', 'random'], '--split applies to imagenet-r only')]:
         with pytest.raises(SystemExit):
             train.main(FAST + argv)
         assert msg in capsys.readouterr().err
@@ -1461,6 +1493,39 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert torch.allclose(one['stats'][k], two['stats'][k], rtol=0, atol=1e-5)
     for k in ('keys', 'values'):
         assert torch.allclose(one['prompt'][k], two['prompt'][k], rtol=0, atol=1e-5)
+
+
+def test_torchrun_downloads_in_turn_and_stops_together(cifar_dir, tmp_path):
+    """2 ranks on a fresh machine: they download CIFAR-100 (a file:// archive) without racing each other; then rank 1
+    alone sees a non-finite loss at the last step of an epoch, and both ranks stop there with the same line."""
+    url, md5 = archive(cifar_dir, ['cifar-100-python'], tmp_path / 'c.tar.gz')
+    script = tmp_path / 'run.py'
+    script.write_text(f"""import os, sys, torch, torchvision
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import train
+torchvision.datasets.CIFAR100.url, torchvision.datasets.CIFAR100.tgz_md5 = {url!r}, {md5!r}
+# the fake pickles cannot match torchvision's md5 of the real ones: check that they exist
+torchvision.datasets.cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+if os.environ['RANK'] == '1':  # 30 images per task, global batch 8: 3 steps per epoch; NaN on the 3rd
+    calls, forward = [0], train.Learner.forward
+    def nan_third(self, x):
+        calls[0] += 1
+        logits, router = forward(self, x)
+        return logits * (float('nan') if calls[0] == 3 else 1.0), router
+    train.Learner.forward = nan_third
+sys.exit(train.main(sys.argv[1:]))
+""")
+    d, out = tmp_path / 'data', tmp_path / 'out'
+    args = ['--dataset', 'cifar100', '--data-dir', str(d), '--out', str(out), '--arch', 'tiny', '--weights', 'none',
+            '--prompt-layers', '2', '--experts', '8', '--top-k', '2', '--batch-size', '8', '--epochs', '2',
+            '--workers', '0', '--no-augment']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
+    r = subprocess.run(cmd + args, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=110)
+    assert r.returncode != 0
+    line = 'error: loss is not finite at task 1, warm-up epoch 1, step 3: lower --lr; no task was completed'
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]
+    assert sorted(p.name for p in d.iterdir()) == ['cifar-100-python', 'cifar-100-python.tar.gz'] and not out.exists()
 
 
 # ------------------------------------------------------------ bench.py

@@ -50,6 +50,7 @@ TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192
 RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight',
                'proto_weight', 'ca_epochs', 'ca_ratio', 'ca_lr', 'iter_step', 'hold', 'gate', 'weights',
                'normalize', 'arch', 'prompt_layers', 'split', 'augment', 'dense', 'warmup', 'ca', 'precision',
+               'paper',  # --paper: strict fp32 on CUDA, no TF32
                'eval_batch_size']  # with augmentation on, the usage/statistics passes draw crops per batch
 STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'checkpointing')  # SPEC section 6
 
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     a('--out', default=None, help='run folder (default runs/<dataset>-<tasks>)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--precision', default=None, choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on '
-      'CUDA, fp32 on CPU; fp32 on CUDA allows TF32 matmuls. Expert routing always runs in fp32')
+      'CUDA, fp32 on CPU; fp32 on CUDA allows TF32 matmuls (not with --paper). Routing always runs in fp32')
     a('--compile', action='store_true', help='torch.compile the backbone')
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, default=None, help='stop after this many tasks (resume later with --resume)')
@@ -134,6 +135,10 @@ def parse_args(argv=None):
         p.error(f'--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}')
     if args.arch == 'tiny' and args.weights is not None:
         p.error('--weights needs --arch vit_b_16 (the tiny demo backbone is randomly initialised)')
+    if args.dataset == 'cub200' and (args.iter_step or args.hold is not None):
+        p.error("--iter-step and --hold do not apply to cub200: its released schedule is a per-epoch cosine")
+    if args.split != 'fixed' and args.dataset != 'imagenet-r':
+        p.error('--split applies to imagenet-r only')
     if min(args.batch_size, args.epochs, args.tasks, args.iter_step or 1) < 1:
         p.error('--batch-size, --epochs, --tasks and --iter-step must be positive')
     return args
@@ -257,9 +262,7 @@ def run(args, seed, rank, world, device):
 
 def setup(args, seed, rank, world, device):
     """Data, backbone (both downloaded when missing, before anything is written), prompt, head, generators."""
-    train_set, test_set = data.load(args.dataset, args.data_dir, args.download, split=args.split, seed=seed)
-    torch.manual_seed(seed)  # backbone (tiny), prompt and head init; all later draws use the generators below
-    vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=args.download)
+    train_set, test_set, vit = load_in_turn(args, seed, rank, world)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
     model = Learner(vit, prompt, C).to(device)
@@ -285,6 +288,22 @@ def setup(args, seed, rank, world, device):
     if not args.resume and os.path.exists(ckpt_path(r)):
         raise ValueError(f'{ckpt_path(r)} exists: pass --resume to continue it, or choose another --out')
     return r
+
+
+def load_in_turn(args, seed, rank, world):
+    """Data set and backbone. Under torchrun the ranks take turns, so that no two download into the same
+    files: rank 0 first, then the first rank of every other machine (whose disk may be its own), then the
+    rest."""
+    turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
+    for k in range(3):
+        if k == turn:
+            download = args.download and turn < 2
+            train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
+            torch.manual_seed(seed)  # backbone (tiny), prompt and head init; later draws use Run's generators
+            vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
+        if world > 1 and k < 2:
+            dist.barrier()
+    return train_set, test_set, vit
 
 
 def ckpt_path(r):
@@ -352,7 +371,8 @@ def train_phase(r, task, name, dense, epochs):
     for epoch in range(epochs):
         r.model.train()
         e0, tot = time.time(), torch.zeros(3, device=r.device, dtype=torch.float64)  # CE sum, hits, images
-        bad = torch.full((), -1, device=r.device)  # first step with a non-finite loss; checked once per epoch
+        never = torch.iinfo(torch.long).max
+        bad = torch.full((), never, device=r.device)  # first step with a non-finite loss, checked per epoch
         for j, (x, i) in enumerate(data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen,
                                                 drop_last=True, **r.feed)):
             for group, lr in zip(opt.param_groups, next(schedule)):
@@ -368,13 +388,15 @@ def train_phase(r, task, name, dense, epochs):
             # DDP averages gradients over ranks; weighting by the local share makes it the global-batch mean
             (loss * len(y) * r.world / args.batch_size).backward()
             opt.step()
-            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), j, bad)
+            bad = torch.where((bad == never) & ~torch.isfinite(loss.detach()), j, bad)
             tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), y.new_tensor(len(y))])
         all_sum(tot, r.world)
-        if bad.item() >= 0:
+        if r.world > 1:  # every rank must stop alike, whichever rank saw it
+            dist.all_reduce(bad, dist.ReduceOp.MIN)
+        if bad.item() != never:
+            kept = f'{ckpt_path(r)} holds the last completed task' if task.t else 'no task was completed'
             raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, '
-                                     f'step {bad.item() + 1}: lower --lr; {ckpt_path(r)} holds the last '
-                                     'completed task')
+                                     f'step {bad.item() + 1}: lower --lr; {kept}')
         dt = time.time() - e0
         images, seconds = images + tot[2].item(), seconds + dt
         r.log(f'task {task.t + 1}/{args.tasks} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / tot[2]:.4f} '
@@ -597,7 +619,7 @@ def main(argv=None):
         return 2
     args.workers = default_workers() if args.workers is None else args.workers
     device = torch.device(args.device)
-    if device.type == 'cuda' and args.precision == 'fp32':
+    if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
         torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
     if world > 1:
         if device.type == 'cuda':
