@@ -1452,7 +1452,8 @@ def test_train_bad_inputs(tmp_path, capsys):
     checks = [(['--dataset', 'cifar100', '--data-dir', str(tmp_path / 'none'), '--weights', 'none', '--no-download'],
                'CIFAR-100 not found: expected'),
               (FAST + ['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'weights file not found'),
-              (FAST + ['--lr', '1e30', '--out', out], 'loss is')]
+              (FAST + ['--lr', '1e30', '--out', out], 'loss is'),
+              (FAST + ['--batch-size', '401', '--out', out], 'task 1 has 400 training images, fewer than one')]
     for argv, msg in checks:
         assert train.main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -360,6 +360,9 @@ def train_phase(r, task, name, dense, epochs):
     CE over the current task's classes + router loss (Eq. 5) + prototype loss (Eq. 6).
     Returns (images, seconds) for the images/s in metrics."""
     args, prompt, head = r.args, r.model.prompt, r.model.head
+    if len(task.idx) < args.batch_size:
+        raise ValueError(f'task {task.t + 1} has {len(task.idx)} training images, fewer than one global '
+                         f'batch of {args.batch_size} (incomplete batches are dropped): lower --batch-size')
     prompt.dense = dense
     # NoRGa's alpha and tau train on task 1 only, then stay out of the optimizer (frozen)
     trainable = [prompt.keys, prompt.values]
