@@ -205,7 +205,8 @@ def pipeline(args):
             for x, _ in data.batches(ds, torch.arange(len(files)), B, True, torch.Generator().manual_seed(1),
                                      args.device, mean=(0.5,) * 3, std=(0.5,) * 3, resize='imagenet',
                                      workers=n, drop_last=True):
-                seen, _ = seen + len(x), sums[n].append(x.double().sum().item())
+                seen += len(x)
+                sums[n].append(x.double().sum().item())
             if args.device == 'cuda':
                 torch.cuda.synchronize()
             rates[n] = seen / (time.perf_counter() - t0)

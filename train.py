@@ -409,19 +409,26 @@ def train_phase(r, task, name, dense, epochs):
     return images, seconds
 
 
-def usage_pass(r, task):
-    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over ALL of the
-    task's training images (the released loader drops its last batch here too: SPEC section 9), summed over
-    ranks. Training augmentation as the released code (--no-augment turns it off)."""
-    prompt = r.model.prompt
+@torch.no_grad()
+def task_features(r, task):
+    """(final CLS features, dataset indices) for ALL of the task's training images, prompts in evaluation
+    mode: what the usage pass and the class statistics see. Training augmentation as the released code
+    (--no-augment turns it off); no drop_last (the released loader drops the last batch: SPEC section 9)."""
     r.model.eval()
+    for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+        if len(i):
+            with r.autocast():
+                f = r.model.features(x)
+            yield f, i
+
+
+def usage_pass(r, task):
+    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over the task's
+    training images, summed over ranks."""
+    prompt = r.model.prompt
     prompt.counting = True
-    with torch.no_grad():
-        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen,
-                                 **r.feed):
-            if len(i):
-                with r.autocast():
-                    r.model.features(x)
+    for _ in task_features(r, task):
+        pass
     prompt.counting = False
     all_sum(prompt.hits, r.world)
     prompt.end_usage_pass()
@@ -429,17 +436,12 @@ def usage_pass(r, task):
 
 def class_statistics(r, task):
     """SPEC section 6 step 4: per-class mean and population variance of the final CLS features of the task's
-    training images (training-augmented, as the released code), routed as at test time with the new counts."""
-    r.model.eval()
+    training images, routed as at test time with the new counts."""
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
-    with torch.no_grad():
-        for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen,
-                                 **r.feed):
-            if len(i):
-                with r.autocast():
-                    f = r.model.features(x).double()
-                sums[0].index_add_(0, r.y_train[i], f)
-                sums[1].index_add_(0, r.y_train[i], f * f)
+    for f, i in task_features(r, task):
+        f = f.double()
+        sums[0].index_add_(0, r.y_train[i], f)
+        sums[1].index_add_(0, r.y_train[i], f * f)
     all_sum(sums, r.world)
     n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None]
     n = n.clamp(min=1)  # images per class, known to every rank
