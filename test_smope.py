@@ -2,11 +2,13 @@
 Sections: smope.py, vit.py, data.py, train.py (torchrun included), bench.py."""
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -1555,3 +1557,78 @@ def test_bench_pipeline_and_schedule(tmp_path, capsys):
                       '--top-k 2 --epochs 1 --stop-after 2 --batch-size 20 --ca-epochs 1', '--json', str(tmp_path / 's')])
     assert set(res['step_seconds']) == set(train.STEPS) and res['step_seconds']['alignment'] > 0
     assert json.loads((tmp_path / 's').read_text())['wall_seconds'] == res['wall_seconds'] > 0
+
+
+# --- issue 15: the pictures, and every citation resolves inside the repository
+
+def test_usage_picture_and_missing_matplotlib(base_run, tmp_path, monkeypatch, capsys):
+    m, out = base_run
+    seed = Path(out, 'seed0')
+    usage = torch.tensor(m['usage'])                                   # (L, H, E)
+    assert torch.tensor(m['task_usage']).shape == (5, 2, 8)            # tasks x layers x experts
+    assert torch.tensor(m['task_usage']).sum(0).tolist() == usage.sum(1).tolist()
+    assert all(sum(map(sum, t)) > 0 for t in m['task_usage'])          # every task routed somewhere
+    if importlib.util.find_spec('matplotlib') is None:
+        pytest.skip('matplotlib is not installed: the pictures are optional')
+    for name in ('accuracy.png', 'usage.png'):
+        img = torchvision.io.decode_png(torchvision.io.read_file(str(seed / name)))
+        assert img.shape[0] in (3, 4) and min(img.shape[1:]) > 100 and img.float().std() > 10
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)               # as if it were not installed
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+    capsys.readouterr()
+    run_train(tmp_path, '--tasks', '2')
+    said = [l for l in capsys.readouterr().out.splitlines() if 'matplotlib' in l]
+    assert said == ['accuracy.png and usage.png skipped: matplotlib is not installed (pip install matplotlib)']
+    assert not list(Path(tmp_path, 'run', 'seed0').glob('*.png'))
+
+
+def spec_targets(text):
+    """SPEC.md's numbered headings '## N. Title', the steps '1.' .. of section 6, and labels '(Eq. N)'."""
+    sections, steps, section = set(), set(), None
+    for line in text.splitlines():
+        if h := re.match(r'## (\d+)\. ', line):
+            section = int(h[1])
+            sections.add(section)
+        elif (s := re.match(r'(\d+)\. ', line)) and section == 6:
+            steps.add(int(s[1]))
+    return sections, steps, {int(n) for n in re.findall(r'\(Eq\. (\d+)\)', text)}
+
+
+CITATION = re.compile(r'(SPEC(?:\.md)?,? [Ss]ections? |[Ss]ection |Eqs?\. ?)(\d+)((?:\s*(?:-|–|,|and)\s*\d+)*)'
+                      r'(?: step (\d+))?')
+
+
+def citations(text):
+    """(kind, number, step) of every 'SPEC section N [step S]', 'Section N', 'Eq. N' and range in text."""
+    for m in CITATION.finditer(text):
+        kind = 'eq' if m[1].startswith('Eq') else 'section'
+        nums = [int(m[2])] + [int(n) for n in re.findall(r'\d+', m[3])]
+        if re.search(r'-|–', m[3] or '') and len(nums) == 2:  # 'Eqs. 2-6', 'sections 6-8'
+            nums = list(range(nums[0], nums[1] + 1))
+        for n in nums:
+            yield kind, n, int(m[4]) if m[4] else None
+
+
+def test_citations_resolve_in_spec():
+    root = Path(__file__).resolve().parent
+    spec = (root / 'SPEC.md').read_text()
+    sections, steps, eqs = spec_targets(spec)
+    assert sections >= set(range(1, 11)) and steps >= set(range(1, 7)) and eqs >= {1, 2, 3, 4, 5, 6, 7}
+    found = []
+    for name in ('smope.py', 'vit.py', 'data.py', 'train.py', 'bench.py', 'README.md', 'test_smope.py'):
+        text = (root / name).read_text()
+        for kind, n, step in citations(text):
+            found.append((name, kind, n, step))
+            if kind == 'eq':
+                assert n in eqs, f'{name} cites Eq. {n}, which SPEC.md does not label'
+            else:
+                assert n in sections, f'{name} cites section {n}, which SPEC.md does not have'
+                assert step is None or (n == 6 and step in steps), f'{name} cites section {n} step {step}'
+    assert len(found) > 50                                              # the parser really reads them
+    help_text = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, capture_output=True,
+                               text=True).stdout
+    assert 'SPEC section 6' in help_text and all(n in sections for k, n, _ in citations(help_text))
+    # and the check bites: a citation of a section or an equation that does not exist is caught
+    bad = list(citations('see SPEC section %d and Eq. %d, Eqs. 2-6, SPEC section 6 step %d' % (12, 9, 9)))
+    assert ('section', 12, None) in bad and ('eq', 9, None) in bad and ('eq', 4, None) in bad
+    assert ('section', 6, 9) in bad and 9 not in steps and 12 not in sections and 9 not in eqs

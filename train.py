@@ -8,6 +8,7 @@ SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -278,7 +279,7 @@ def setup(args, seed, rank, world, device):
             os.path.join(args.out, f'seed{seed}'), rank, world, device,
             torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000))
     r.stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
-    r.metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[],
+    r.metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], task_usage=[],
                      step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
                      config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -501,7 +502,9 @@ def record(r, task, row, seconds, images_per_second):
     m['task_seconds'].append(seconds)
     m['images_per_second'].append(images_per_second)
     m['peak_memory_mb'].append(peak_memory_mb(r.device))
-    m.update(summarise(m['acc']), usage=r.model.prompt.usage.tolist())
+    usage = r.model.prompt.usage.cpu()
+    m['task_usage'].append((usage - torch.tensor(m.get('usage', 0))).sum(1).tolist())  # (L, E) this task's
+    m.update(summarise(m['acc']), usage=usage.tolist())
     r.log(f'task {task.t + 1}/{r.args.tasks} done in {seconds:.0f}s: accuracy per task '
           f'{" ".join(f"{a:.1f}" for a in row)} | average {sum(row) / len(row):.2f}')
     r.log(usage_line(r.model.prompt))
@@ -516,6 +519,7 @@ def save_checkpoint(r, task):
                      metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state())
         atomic_save(state, ckpt_path(r))
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
+        plot(r)  # after every task, so a long run can be watched
 
 
 def finish(r):
@@ -529,7 +533,8 @@ def finish(r):
           f' | total {sum(steps.values()):.1f}s; peak memory {peak:.2f} GiB')
     if r.rank == 0:
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
-        plot(r.metrics['acc'], os.path.join(r.out, 'accuracy.png'))
+        if importlib.util.find_spec('matplotlib') is None:  # plot() skipped them after every task
+            r.log('accuracy.png and usage.png skipped: matplotlib is not installed (pip install matplotlib)')
 
 
 # -----------------------------------------------------------------------------
@@ -583,14 +588,16 @@ def log_matrix(acc, log):
     log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}")
 
 
-def plot(acc, path):
+def plot(r):
+    """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, one
+    panel per prompted layer; triangles: experts in the frequently-used set U, sized by the share of heads)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    T = len(acc)
+    acc, T = r.metrics['acc'], len(r.metrics['acc'])
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 1 + 0.5 * T))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
@@ -600,9 +607,29 @@ def plot(acc, path):
         for i in range(t + 1):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
                     color='w' if acc[t][i] < 60 else 'k')
-    ax.set_xlabel('task evaluated')
-    ax.set_ylabel('after training task')
+    ax.set(xlabel='task evaluated', ylabel='after training task')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
+    save_figure(plt, fig, os.path.join(r.out, 'accuracy.png'))
+    hits = torch.tensor(r.metrics['task_usage'], dtype=torch.float64)  # (T, L, E)
+    L, E = hits.shape[1:]
+    share = r.model.prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
+    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.25 * E, 0.4 + 1.3 * L), sharex=True, squeeze=False)
+    colors = plt.get_cmap('viridis')(torch.linspace(0, 1, T).tolist())
+    for l, ax in enumerate(axes[:, 0]):
+        bottom = torch.zeros(E, dtype=torch.float64)
+        for t in range(T):
+            ax.bar(range(E), hits[t, l], bottom=bottom, color=colors[t], label=f'task {t + 1}')
+            bottom += hits[t, l]
+        u = share[l] > 0
+        ax.scatter(torch.arange(E)[u], bottom[u] * 1.05 + 1, s=40 * share[l][u], marker='v', c='k')
+        ax.set(ylabel=f'layer {l}', ylim=(0, 1.2 * bottom.max().item() + 1))
+    axes[0, 0].set_title('top-K hits per expert (heads summed), stacked by task; \u25bc in U')
+    axes[-1, 0].set_xlabel('expert')
+    axes[0, 0].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+    save_figure(plt, fig, os.path.join(r.out, 'usage.png'))
+
+
+def save_figure(plt, fig, path):
     fig.savefig(path + '.tmp.png', dpi=100, bbox_inches='tight')
     plt.close(fig)
     os.replace(path + '.tmp.png', path)
