@@ -1632,3 +1632,15 @@ def test_citations_resolve_in_spec():
     bad = list(citations('see SPEC section %d and Eq. %d, Eqs. 2-6, SPEC section 6 step %d' % (12, 9, 9)))
     assert ('section', 12, None) in bad and ('eq', 9, None) in bad and ('eq', 4, None) in bad
     assert ('section', 6, 9) in bad and 9 not in steps and 12 not in sections and 9 not in eqs
+
+
+def test_readme_first_screen_and_ci_command():
+    root = Path(__file__).resolve().parent
+    readme = (root / 'README.md').read_text().splitlines()
+    assert len(readme) <= 220
+    first = '\n'.join(readme[:60])
+    for command in ('pip install -r requirements.txt', 'python train.py --dataset synthetic',
+                    'python3 -m pytest -q test_smope.py', 'python train.py --dataset cifar100 --tasks 10'):
+        assert command in first, command
+    ci = [l for l in (root / '.ci' / 'run').read_text().splitlines() if 'pytest' in l]
+    assert ci == ['python3 -m pytest -q test_smope.py']                 # exactly the README's test command
