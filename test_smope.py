@@ -1681,3 +1681,17 @@ def test_which_row_is_used(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == [
         'imagenet-r has no row for 4 tasks: hyperparameters from its 5-task row, iter_step and hold derived']
     assert train.main(argv + ['--tasks', '10']) == 0 and capsys.readouterr().out == ''
+
+
+def test_torchrun_released_usage_pass(tmp_path):
+    """Under torchrun the released usage pass sums each batch's hits over the ranks before they join `usage`:
+    2 ranks count as 1 (each rank alone would see half of every batch)."""
+    args = FAST + ['--no-augment', '--stop-after', '2', '--released-quirks']
+    one, _ = run_train(tmp_path, *args[len(FAST):], name='one')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+    r = subprocess.run(cmd + args + ['--out', str(tmp_path / 'two')], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                       capture_output=True, text=True, timeout=110, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = torch.load(tmp_path / 'two' / 'seed0' / 'checkpoint.pt', weights_only=False)
+    assert two['metrics']['world_size'] == 2 and two['metrics']['acc'] == one['acc']
+    assert two['prompt']['usage'].tolist() == one['usage'] and two['prompt']['usage'].sum() == 2 * 4 * 2 * 2 * 384  # L, H, top-2, tasks
