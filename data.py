@@ -330,9 +330,9 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=None, std=None,
-            resize='cifar', rank=0, world=1, workers=2, drop_last=False):
+            resize='cifar', rank=0, world=1, workers=2, drop_last=False, shuffle=False):
     """Yields (images (b,3,S,S) float, dataset indices (b,)) of this rank's share of each global batch; train:
-    shuffled and augmented, drop_last: full global batches only (SPEC section 6)."""
+    shuffled and augmented, shuffle: shuffled, drop_last: full global batches only (SPEC section 6)."""
     if resize not in ('cifar', 'imagenet'):
         raise ValueError(f"unknown resize {resize!r}: choose 'cifar' or 'imagenet'")
     S, idx = image_size, idx.cpu()
@@ -341,7 +341,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
                      for v in (mean, std))
     finish = lambda x: x if mean is None else x.sub_(mean).div_(std)  # x is always a fresh tensor
     mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
-    if train:
+    if train or shuffle:
         idx = idx[torch.randperm(len(idx), generator=generator)]
     starts = range(0, len(idx) - (batch_size - 1 if drop_last else 0), batch_size)
 

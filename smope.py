@@ -16,6 +16,7 @@ The training loop drives the state:
     prompt.dense = True/False    # task-1 warm-up (all experts, no noise, no router loss)
     prompt.counting = True       # during the usage pass (Section 5): counts raw top-K hits into `hits`,
     prompt.end_usage_pass()      # then adds them to `usage` (all-reduce `hits` first when distributed)
+    prompt.counting = 'released' # or the released pass: test-time routing, end_usage_pass() after each batch
 All the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer, so
 state_dict() saves it (the released code keeps it in plain attributes and loses it: SPEC section 9).
 """
@@ -43,7 +44,7 @@ class SMoPE(nn.Module):
         self.layers, self.heads, self.head_dim, self.experts = layers, heads, head_dim, experts
         self.top_k, self.eps, self.gate = top_k, eps, gate
         self.dense = False     # all experts active, no noise, no router loss (task-1 warm-up, ablation)
-        self.counting = False  # usage pass: add raw top-K hits to `hits`
+        self.counting = False  # usage pass: add raw top-K hits to `hits`; 'released': test-time routing too
         self.fused = fused     # exact fast path (merged expert column + SDPA); False = materialised softmax
         shape = (layers, heads, experts, head_dim)
         self.keys = nn.Parameter(torch.rand(shape))    # P^K: (L, H, E, d), U(0,1) as the released code
@@ -88,9 +89,9 @@ class SMoPE(nn.Module):
                 rng = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)).detach()  # (B, H, 1)
                 if self.training:  # adaptive noise on the frequently used experts
                     eps = self.eps * self.frequent[i]
-                elif self.counting:  # usage pass: no exclusion, so the counts say how this task itself routes
+                elif self.counting is True:  # usage pass: no exclusion, the counts say how this task routes
                     eps = s.new_zeros(E)
-                else:                # released code only: exclude experts never selected (SPEC section 9)
+                else:  # released code (its usage pass too): exclude experts never selected (SPEC section 9)
                     eps = 2.0 * (self.usage[i] == 0)
                 s_noisy = s.detach() - eps.to(s.dtype) * rng            # (B, H, E)  Eq. 2
                 top = s_noisy.topk(K, dim=-1).indices                   # (B, H, K)

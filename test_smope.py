@@ -1644,3 +1644,143 @@ def test_readme_first_screen_and_ci_command():
         assert command in first, command
     ci = [l for l in (root / '.ci' / 'run').read_text().splitlines() if 'pytest' in l]
     assert ci == ['python3 -m pytest -q test_smope.py']                 # exactly the README's test command
+
+
+# --- issue 18: --released-quirks, the released code's slips (SPEC section 9); issue 16 items 9 and 10
+
+def test_released_quirks_schedules():
+    args = train.parse_args(['--dataset', 'cifar100', '--released-quirks'])
+    for epochs in (20, 10):  # main phase, task 1's warm-up
+        table, T = train.lr_schedule(args, 5000, epochs), 40 * epochs
+        assert len(table) == 39 * epochs and table[0] == (0.025, 0.005)  # the first step at the bases
+        assert table[1:81] == [(1e-6, 1e-6)] * 80 and table[81] == pytest.approx((0.025, 0.005))  # one late
+        for k in (82, 200, len(table) - 1):
+            assert table[k] == pytest.approx((lr(k - 1, 80, T, 0.025), lr(k - 1, 80, T, 0.005)), rel=1e-12, abs=0)
+    assert train.lr_schedule(args, 5000, 20)[441] == pytest.approx((1e-6 + 0.5 * (0.025 - 1e-6), 1e-6 + 0.5 * (0.005 - 1e-6)))
+    args = train.parse_args(['--dataset', 'imagenet-r', '--released-quirks'])
+    ca = train.ca_lr_schedule(args, 40)  # the released --ca_lr 1e-4 first, then the 1e-5 table one late
+    assert len(ca) == 2000 and ca[0] == pytest.approx(1e-4) and ca[1] == pytest.approx(1e-5)
+    assert ca[1001] == pytest.approx(1e-6 + 0.5 * 9e-6) and ca[1999] == pytest.approx(1e-6 + 0.5 * 9e-6 * (1 + math.cos(math.pi * 1998 / 2000)))
+    args = train.parse_args(['--dataset', 'cub200', '--released-quirks'])
+    for epochs in (20, 10):  # epochs 0 and 1 at the base, epoch e >= 1 at the formula's value for e - 1
+        table = train.lr_schedule(args, 600, epochs)
+        assert table[:8] == [(0.025, 0.005)] * 8 and len(table) == 4 * epochs
+        for e in range(1, epochs):
+            c = math.cos(99 * math.pi * (e - 1) / (200 * (epochs - 1)))
+            assert table[4 * e:4 * e + 4] == [pytest.approx((0.025 * c, 0.005 * c))] * 4
+
+
+def test_paper_implies_released_quirks():
+    assert train.parse_args(['--dataset', 'cifar100', '--paper']).released_quirks
+    assert not train.parse_args(['--dataset', 'cifar100']).released_quirks
+    assert train.parse_args(['--dataset', 'synthetic', '--arch', 'tiny', '--released-quirks']).released_quirks
+    assert 'released_quirks' in train.RESULT_KEYS
+
+
+def test_released_quirks_run(tmp_path, monkeypatch):
+    """A run with the flag steps the slipped schedules, counts full batches only, and resumes only with it."""
+    seen, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, 'step', lambda self, *a, **k: (
+        seen.append(tuple(g['lr'] for g in self.param_groups)), step(self, *a, **k))[1])
+    m, out = run_train(tmp_path, '--released-quirks', '--stop-after', '2', '--epochs', '2')
+    args = train.parse_args(FAST + ['--released-quirks', '--epochs', '2'])
+    warm, main, ca = train.lr_schedule(args, 400, 1), train.lr_schedule(args, 400, 2), train.ca_lr_schedule(args, 10)
+    assert seen == warm + main + main + [(x,) for x in ca]
+    assert warm[0] == main[0] == (5 * 0.002, 0.002) and ca[0] == pytest.approx(1e-2)
+    # drop_last: 12 full batches of 32 of each task's 400 images are counted, top-2 per layer and head
+    assert torch.tensor(m['usage']).sum(-1).unique().tolist() == [2 * 2 * 384] and m['config']['released_quirks']
+    assert train.main(FAST + ['--out', out, '--resume']) == 2  # a result setting
+
+
+def test_released_usage_pass(synth):
+    """The released usage pass: shuffled training batches with drop_last, test-time routing, and each batch's
+    hits join `usage` before the next batch, so an expert never used before the pass is excluded until its
+    first hit and routed to after it."""
+    from argparse import Namespace
+    train_set, _ = synth
+    p = SMoPE(layers=1, heads=1, head_dim=2, experts=2, top_k=1)
+    with torch.no_grad():
+        p.keys.copy_(torch.eye(2).view(1, 1, 2, 2))
+        p.values.copy_(torch.eye(2).view(1, 1, 2, 2))
+    qkv = torch.tensor([0.2, 1.0]).expand(1, 1, 3, 2)  # raw scores (0.2, 1.0): expert 1 is the raw top-1
+    outs = []
+
+    class Model(nn.Module):
+        def features(self, x):  # every image the same q, k, v: only the routing changes the output
+            outs.append(p(0, *[qkv.expand(len(x), 1, 3, 2)] * 3)[0])
+            return outs[-1]
+
+    def usage_pass(released):
+        p.usage.copy_(torch.tensor([5, 0]).view(1, 1, 2))  # expert 1 unused: excluded at test time
+        outs.clear()
+        model = Model()
+        model.prompt = p.train()  # the pass itself must switch to test mode
+        args = Namespace(batch_size=4, eval_batch_size=256, augment=False, released_quirks=released)
+        r = Namespace(model=model, args=args, train_set=train_set, gen=torch.Generator().manual_seed(0),
+                      feed=dict(device='cpu', image_size=32), world=1, autocast=contextlib.nullcontext)
+        train.usage_pass(r, Namespace(idx=torch.arange(10)))
+        return p.usage[0, 0].tolist()
+    p.eval()
+    with torch.no_grad():
+        p.usage.copy_(torch.tensor([5, 0]).view(1, 1, 2))
+        routed = [p(0, qkv, qkv, qkv)[0]]  # expert 0
+        p.usage[0, 0, 1] = 1
+        routed.append(p(0, qkv, qkv, qkv)[0])  # expert 1
+    assert (routed[0] - routed[1]).abs().max() > 0.1
+    same = lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert usage_pass(True) == [5, 8]  # 10 images in batches of 4: the last 2 are dropped
+    assert len(outs) == 2 and same(outs[0], routed[0]) and same(outs[1], routed[1])
+    assert usage_pass(False) == [5, 10] and len(outs) == 1 and same(outs[0], routed[1])  # no exclusion
+
+
+def test_no_augment_still_shuffles(tmp_path, monkeypatch):
+    seen, batches = [], data.batches
+
+    def spy(*a, **k):
+        for x, i in batches(*a, **k):
+            if k.get('drop_last'):  # training batches
+                seen.append(i)
+            yield x, i
+    monkeypatch.setattr(data, 'batches', spy)
+    orders = []
+    for name in ('a', 'b'):
+        run_train(tmp_path, '--no-augment', '--stop-after', '1', '--no-warmup', name=name)
+        orders.append(torch.cat(seen))
+        seen.clear()
+    assert len(orders[0]) == 384 and torch.equal(*orders)  # same seed, same order
+    assert not torch.equal(orders[0], orders[0].sort().values)
+
+
+def test_short_released_run_trains():
+    args = train.parse_args(['--dataset', 'cifar100', '--epochs', '2'])
+    assert (args.iter_step, args.hold) == (40, 8)  # round(80 x 2 / 20)
+    for epochs in (2, 1):  # main phase, then task 1's warm-up: the same hold
+        table = train.lr_schedule(args, 5000, epochs)
+        assert table[:8] == [(1e-6, 1e-6)] * 8 and table[8] == pytest.approx((0.025, 0.005))
+        assert all(a > 1e-6 and b > 1e-6 for a, b in table[8:])
+    assert train.parse_args(['--dataset', 'cifar100']).hold == 80
+    assert train.parse_args(['--dataset', 'imagenet-r', '--tasks', '5', '--epochs', '4']).hold == 16
+    assert train.parse_args(['--dataset', 'cifar100', '--epochs', '2', '--hold', '80']).hold == 80  # as given
+
+
+def test_which_row_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, 'run', lambda *a: dict(acc=[]))
+    argv = ['--dataset', 'imagenet-r', '--device', 'cpu', '--out', str(tmp_path), '--data-dir', str(tmp_path)]
+    assert train.main(argv + ['--tasks', '4']) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        'imagenet-r has no row for 4 tasks: hyperparameters from its 5-task row, iter_step and hold derived']
+    assert train.main(argv + ['--tasks', '10']) == 0 and capsys.readouterr().out == ''
+
+
+def test_torchrun_released_usage_pass(tmp_path):
+    """Under torchrun the released usage pass sums each batch's hits over the ranks before they join `usage`:
+    2 ranks count as 1 (each rank alone would see half of every batch)."""
+    args = FAST + ['--no-augment', '--stop-after', '2', '--released-quirks']
+    one, _ = run_train(tmp_path, *args[len(FAST):], name='one')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+    r = subprocess.run(cmd + args + ['--out', str(tmp_path / 'two')], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                       capture_output=True, text=True, timeout=110, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = torch.load(tmp_path / 'two' / 'seed0' / 'checkpoint.pt', weights_only=False)
+    assert two['metrics']['world_size'] == 2 and two['metrics']['acc'] == one['acc']
+    assert two['prompt']['usage'].tolist() == one['usage'] and two['prompt']['usage'].sum() == 2 * 4 * 2 * 2 * 384  # L, H, top-2, tasks

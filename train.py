@@ -51,7 +51,7 @@ TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192
 RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight',
                'proto_weight', 'ca_epochs', 'ca_ratio', 'ca_lr', 'iter_step', 'hold', 'gate', 'weights',
                'normalize', 'arch', 'prompt_layers', 'split', 'augment', 'dense', 'warmup', 'ca', 'precision',
-               'paper',  # --paper: strict fp32 on CUDA, no TF32
+               'paper', 'released_quirks',  # --paper: strict fp32 on CUDA, no TF32
                'eval_batch_size']  # with augmentation on, the usage/statistics passes draw crops per batch
 STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'checkpointing')  # SPEC section 6
 
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'cub200', 'synthetic'])
     a('--tasks', type=int, default=None, help='10 (synthetic: 5)')
     a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
-      "sup21k), pixels in [0,1] without normalisation, fp32; everything else is the released row anyway")
+      "sup21k), pixels in [0,1] without normalisation, fp32, --released-quirks; the rest is its row anyway")
+    a('--released-quirks', action='store_true', help="reproduce the released code's slips (SPEC section 9)")
     a('--epochs', type=int, default=None, help='epochs per task (20); task 1 adds half as dense warm-up')
     a('--batch-size', type=int, default=None, help='GLOBAL batch, split across torchrun ranks')
     a('--lr', type=float, default=None, help='head lr; prompts get 5x')
@@ -113,17 +114,20 @@ def parse_args(argv=None):
         p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
     args.tasks = args.tasks or (5 if args.dataset == 'synthetic' else 10)
     released = PAPER.get((args.dataset, args.tasks))
-    row = dict(released or PAPER[next(k for k in PAPER if k[0] == args.dataset)])
+    args.row = (args.dataset, args.tasks) if released else next(k for k in PAPER if k[0] == args.dataset)
+    row = dict(PAPER[args.row])
     schedule = {k: row.pop(k) for k in ('iter_step', 'hold') if k in row}
     defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
                     weights='IMAGENET1K_V1', normalize='backbone', precision='auto')
     if args.paper:
         defaults.update(weights=RELEASED_BACKBONE[args.dataset], normalize='none', precision='fp32')
+        args.released_quirks = True
     for k, v in {**defaults, **row}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if released and args.batch_size == row['batch_size']:  # the released schedule table, only for its own row
-        for k, v in schedule.items():
+        for k, v in schedule.items():  # the released hold belongs to 20 epochs: scaled (SPEC section 9)
+            v = round(v * args.epochs / 20) if k == 'hold' else v
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.precision == 'auto':
         args.precision = 'bf16' if args.device.startswith('cuda') else 'fp32'
@@ -154,11 +158,12 @@ def lr_schedule(args, n_images, epochs):
     CosineSchedulerIter table of iter_step x epochs entries: `hold` entries at 1e-6 for both groups, then a
     cosine from the group's base (prompts 5 x lr) to 1e-6, and 1e-6 past the table's end, as the released
     scheduler returns there. CUB-200's released script steps a per-epoch cosine instead:
-    base * cos(99 pi e / (200 (epochs - 1)))."""
-    per_epoch = n_images // args.batch_size
+    base * cos(99 pi e / (200 (epochs - 1))). --released-quirks (SPEC section 9): the first step at the bases,
+    then step k at entry k - 1; CUB-200: epoch e >= 1 at the value of epoch e - 1."""
+    per_epoch, q = n_images // args.batch_size, args.released_quirks
     bases = (5 * args.lr, args.lr)
     if args.dataset == 'cub200':
-        cos = [math.cos(99 * math.pi * e / (200 * max(1, epochs - 1))) for e in range(epochs)]
+        cos = [math.cos(99 * math.pi * max(0, e - q) / (200 * max(1, epochs - 1))) for e in range(epochs)]
         return [(bases[0] * cos[e], bases[1] * cos[e]) for e in range(epochs) for _ in range(per_epoch)]
     iter_step = args.iter_step or math.ceil(n_images / args.batch_size)
     hold = args.hold if args.hold is not None else round(iter_step * args.epochs / 20)
@@ -168,14 +173,17 @@ def lr_schedule(args, n_images, epochs):
         if k < hold or k >= T:
             return 1e-6
         return 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (k - hold) / (T - hold)))
-    return [(lr(k, bases[0]), lr(k, bases[1])) for k in range(per_epoch * epochs)]
+    table = [(lr(k, bases[0]), lr(k, bases[1])) for k in range(per_epoch * epochs)]
+    return ([bases] + table)[:len(table)] if q else table
 
 
 def ca_lr_schedule(args, earlier_classes):
     """One lr per classifier-alignment iteration: crct_num = earlier_classes iterations per epoch, and one
-    cosine from --ca-lr to 1e-6 over all crct_num x ca_epochs of them (SPEC section 6 step 5)."""
+    cosine from --ca-lr to 1e-6 over all crct_num x ca_epochs of them (SPEC section 6 step 5).
+    --released-quirks: the first at the released --ca_lr, 10 x --ca-lr, then iteration k at entry k - 1."""
     T = earlier_classes * args.ca_epochs
-    return [1e-6 + 0.5 * (args.ca_lr - 1e-6) * (1 + math.cos(math.pi * k / T)) for k in range(T)]
+    table = [1e-6 + 0.5 * (args.ca_lr - 1e-6) * (1 + math.cos(math.pi * k / T)) for k in range(T)]
+    return ([10 * args.ca_lr] + table)[:T] if args.released_quirks else table
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +386,7 @@ def train_phase(r, task, name, dense, epochs):
         never = torch.iinfo(torch.long).max
         bad = torch.full((), never, device=r.device)  # first step with a non-finite loss, checked per epoch
         for j, (x, i) in enumerate(data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen,
-                                                drop_last=True, **r.feed)):
+                                                drop_last=True, shuffle=True, **r.feed)):
             for group, lr in zip(opt.param_groups, next(schedule)):
                 group['lr'] = lr
             y = r.y_train[i]
@@ -411,12 +419,15 @@ def train_phase(r, task, name, dense, epochs):
 
 
 @torch.no_grad()
-def task_features(r, task):
+def task_features(r, task, released=False):
     """(final CLS features, dataset indices) for ALL of the task's training images, prompts in evaluation
     mode: what the usage pass and the class statistics see. Training augmentation as the released code
-    (--no-augment turns it off); no drop_last (the released loader drops the last batch: SPEC section 9)."""
+    (--no-augment turns it off); no drop_last (the released loader drops the last batch: SPEC section 9).
+    released: the released usage pass's loader instead, shuffled training batches with drop_last."""
     r.model.eval()
-    for x, i in data.batches(r.train_set, task.idx, r.args.eval_batch_size, r.args.augment, r.gen, **r.feed):
+    size = r.args.batch_size if released else r.args.eval_batch_size
+    for x, i in data.batches(r.train_set, task.idx, size, r.args.augment, r.gen, drop_last=released,
+                             shuffle=released, **r.feed):
         if len(i):
             with r.autocast():
                 f = r.model.features(x)
@@ -425,11 +436,14 @@ def task_features(r, task):
 
 def usage_pass(r, task):
     """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over the task's
-    training images, summed over ranks."""
-    prompt = r.model.prompt
-    prompt.counting = True
-    for _ in task_features(r, task):
-        pass
+    training images, summed over ranks. --released-quirks: the released pass (SPEC section 9), routed as at
+    test time, each batch's hits joining `usage` before the next batch."""
+    prompt, released = r.model.prompt, r.args.released_quirks
+    prompt.counting = 'released' if released else True
+    for _ in task_features(r, task, released):
+        if released:  # drop_last with batch >= ranks: every rank has every batch
+            all_sum(prompt.hits, r.world)
+            prompt.end_usage_pass()
     prompt.counting = False
     all_sum(prompt.hits, r.world)
     prompt.end_usage_pass()
@@ -650,6 +664,9 @@ def main(argv=None):
               'processes', file=sys.stderr)
         return 2
     args.workers = default_workers() if args.workers is None else args.workers
+    if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
+        print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
+              f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
     device = torch.device(args.device)
     if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
         torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
