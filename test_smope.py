@@ -1574,7 +1574,7 @@ ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0  # root writes into read-onl
     (['--iter-step', '0'], '--iter-step'), (['--hold', '-1'], '--hold'), (['--epochs', '0'], '--epochs'),
     (['--batch-size', '0'], '--batch-size'), (['--ca-epochs', '-1'], '--ca-epochs'), (['--ca-ratio', '0'], '--ca-ratio'),
     (['--workers', '-1'], '--workers'), (['--eps', '-0.1'], '--eps'), (['--router-weight', '-1'], '--router-weight'),
-    (['--proto-weight', '-1e-5'], '--proto-weight'), (['--timeout', '0'], '--timeout'),
+    (['--proto-weight', '-0.1'], '--proto-weight'), (['--timeout', '0'], '--timeout'),
     pytest.param(['--device', 'cuda'], '--device', marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU')),
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
