@@ -1784,3 +1784,197 @@ def test_torchrun_released_usage_pass(tmp_path):
     two = torch.load(tmp_path / 'two' / 'seed0' / 'checkpoint.pt', weights_only=False)
     assert two['metrics']['world_size'] == 2 and two['metrics']['acc'] == one['acc']
     assert two['prompt']['usage'].tolist() == one['usage'] and two['prompt']['usage'].sum() == 2 * 4 * 2 * 2 * 384  # L, H, top-2, tasks
+
+
+# --- issue 16 (train.py): one run per --out, checkpoint writes and checksums, flags checked first, torchrun faults
+
+REPO = os.path.dirname(os.path.abspath(train.__file__))
+ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0  # root writes into read-only folders
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--out', 'FILE'], '--out'), (['--out', 'FILE/run'], '--out'),
+    pytest.param(['--out', 'READONLY'], '--out', marks=pytest.mark.skipif(ROOT, reason='root writes anywhere')),
+    pytest.param(['--out', 'READONLY/run'], '--out', marks=pytest.mark.skipif(ROOT, reason='root writes anywhere')),
+    (['--eval-batch-size', '0'], '--eval-batch-size'), (['--dataset', 'cifar100', '--data-dir', 'FILE'], '--data-dir'),
+    (['--dataset', 'cifar100', '--tasks', '7'], '--tasks'), (['--dataset', 'imagenet-r', '--tasks', '15'], '--tasks'),
+    (['--tasks', '0'], '--tasks'), (['--lr', '-1'], '--lr'), (['--lr', '0'], '--lr'), (['--lr', 'nan'], '--lr'),
+    (['--stop-after', '0'], '--stop-after'), (['--stop-after', '-1'], '--stop-after'),
+    (['--iter-step', '0'], '--iter-step'), (['--hold', '-1'], '--hold'), (['--epochs', '0'], '--epochs'),
+    (['--batch-size', '0'], '--batch-size'), (['--ca-epochs', '-1'], '--ca-epochs'), (['--ca-ratio', '0'], '--ca-ratio'),
+    (['--workers', '-1'], '--workers'), (['--eps', '-0.1'], '--eps'), (['--router-weight', '-1'], '--router-weight'),
+    (['--proto-weight', '-0.1'], '--proto-weight'), (['--timeout', '0'], '--timeout'),
+    pytest.param(['--device', 'cuda'], '--device', marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU')),
+])
+def test_bad_flags_fail_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
+    """Each: exit 2 with one `error:` line naming the flag, before anything is loaded, downloaded, trained or
+    written."""
+    def work(*a, **k):
+        raise AssertionError('loaded or downloaded before the bad flag was reported')
+    monkeypatch.setattr(data, 'load', work)
+    monkeypatch.setattr(train, 'vit_b_16', work)
+    (tmp_path / 'FILE').write_text('x')
+    (tmp_path / 'READONLY').mkdir(mode=0o500)
+    before = sorted(tmp_path.rglob('*'))
+    argv = [str(tmp_path / a) if a.split('/')[0] in ('FILE', 'READONLY') else a for a in argv]
+    try:
+        code = train.main(FAST + ['--out', str(tmp_path / 'run')] + argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if 'error:' in line]
+    assert code == 2 and len(errors) == 1 and flag in errors[0], err
+    assert 'epoch' not in out and sorted(tmp_path.rglob('*')) == before and (tmp_path / 'FILE').read_text() == 'x'
+
+
+def test_one_run_per_out(tmp_path, capsys):
+    """Two real runs on one --out: while the first holds <out>/.lock the second stops at once with one line;
+    the first runs on and ends as usual."""
+    out = tmp_path / 'run'
+    first = subprocess.Popen([sys.executable, 'train.py'] + FAST + ['--out', str(out), '--stop-after', '1'], cwd=REPO,
+                             env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, text=True)
+    for line in first.stdout:  # this line comes after the lock is taken, before training
+        if line.startswith('seed 0:'):
+            break
+    assert train.main(FAST + ['--out', str(out)]) == 2
+    got, err = capsys.readouterr()
+    assert err == f'error: --out {out} is in use by another run: wait, or choose another --out\n' and not got
+    first.stdout.read()
+    assert first.wait(timeout=110) == 0
+    assert torch.load(out / 'seed0' / 'checkpoint.pt', weights_only=False)['task'] == 1
+
+
+def test_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk while task 2's checkpoint is written: one line, no .tmp left, task 1's checkpoint as it was.
+    Also: --resume on a folder without a checkpoint says that it starts from task 1."""
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) < 2:
+            return save(obj, f, *a, **k)
+        with open(f, 'wb') as w:
+            w.write(b'x' * 1000)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    out = tmp_path / 'run'
+    assert train.main(FAST + ['--out', str(out), '--resume', '--stop-after', '2']) == 2
+    got, err = capsys.readouterr()
+    assert f'{out / "seed0" / "checkpoint.pt"} does not exist: starting from task 1' in got
+    ckpt = out / 'seed0' / 'checkpoint.pt'
+    assert err.startswith(f'error: cannot write {ckpt} (') and 'No space left on device' in err and err.count('\n') == 1
+    assert sorted(p.name for p in (out / 'seed0').iterdir()) == ['checkpoint.pt', 'metrics.json']
+    assert torch.load(ckpt, weights_only=False)['task'] == 1
+
+    def torch_full(obj, f, *a, **k):  # what torch.save itself raises on a full disk or a read-only folder
+        with open(f, 'wb') as w:
+            w.write(b'x' * 100)
+        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nframe #0: c10::Error')
+    monkeypatch.setattr(torch, 'save', torch_full)
+    assert 'unexpected pos 64 vs 0 frame' in one_line_error(train.atomic_save, {}, str(tmp_path / 'c.pt'), exc=OSError)
+    assert not (tmp_path / 'c.pt.tmp').exists() and not (tmp_path / 'c.pt').exists()
+
+
+def test_damaged_checkpoint_is_refused(base_run, tmp_path, capsys):
+    """A checkpoint that loads but is wrong (a flipped byte in tensor data, a part missing although the checksum
+    matches) is one line, exit 2, and stays as it is; the intact one resumes."""
+    import shutil
+    out = tmp_path / 'run'
+    shutil.copytree(base_run[1], out)
+    ckpt = out / 'seed0' / 'checkpoint.pt'
+    good = ckpt.read_bytes()
+    ck = torch.load(ckpt, weights_only=False)
+    pos = good.find(ck['head']['weight'].numpy().tobytes()[:64])
+    flipped = bytearray(good)
+    flipped[pos + 17] ^= 0x10
+    ckpt.write_bytes(flipped)  # torch.load reads it without a word: only the checksum tells
+    assert not torch.equal(torch.load(ckpt, weights_only=False)['head']['weight'], ck['head']['weight'])
+    cases = [(bytes(flipped), 'sha256 does not match')]
+    for drop in (('ca_gen',), ('prompt', 'keys')):  # re-saved with a matching checksum: the parts themselves are checked
+        part = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ck.items() if k != 'sha256'}
+        del (part[drop[0]] if len(drop) > 1 else part)[drop[-1]]
+        part['sha256'] = train.digest(part)
+        torch.save(part, ckpt)
+        cases.append((ckpt.read_bytes(), drop[-1]))
+    for blob, why in cases:
+        ckpt.write_bytes(blob)
+        assert train.main(FAST + ['--out', str(out), '--resume']) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'error: {ckpt} is not a readable checkpoint') and why in err and err.count('\n') == 1, err
+        assert ckpt.read_bytes() == blob
+    ckpt.write_bytes(good)
+    assert train.main(FAST + ['--out', str(out), '--resume']) == 0
+    assert 'resuming' in capsys.readouterr().out
+
+
+def test_norga_gate_parameters_freeze_after_task_1(tmp_path, monkeypatch):
+    """NoRGa's alpha and tau train on task 1 only; from task 2 on they require no gradient at all (none is
+    computed, none all-reduced), not merely no optimizer step."""
+    seen, forward = set(), train.Learner.forward
+
+    def spy(self, x):
+        seen.add((int(self.prompt.task), self.prompt.alpha.requires_grad, self.prompt.tau.requires_grad))
+        return forward(self, x)
+    monkeypatch.setattr(train.Learner, 'forward', spy)
+    run_train(tmp_path, '--gate', 'tanh', '--stop-after', '2')
+    assert seen == {(1, True, True), (2, False, False)}
+
+
+def test_peak_memory_is_per_task(base_run, monkeypatch):
+    """CUDA: each task's own peak (the allocator's peak is reset after each reading). CPU: the process's peak RSS,
+    which cannot be reset, and metrics.json says so."""
+    peaks, resets = [3 * 2**20, 2**20], []
+    monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda device=None: peaks[len(resets)])
+    monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', lambda device=None: resets.append(device))
+    cuda = torch.device('cuda')
+    assert [train.peak_memory_mb(cuda), train.peak_memory_mb(cuda)] == [3, 1] and resets == [cuda, cuda]
+    assert base_run[0]['peak_memory'] == 'process peak RSS so far'
+
+
+def test_timeout_reaches_the_process_group(monkeypatch):
+    from datetime import timedelta
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise Stop
+    monkeypatch.setattr(train.dist, 'init_process_group', init)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(Stop):
+        train.main(FAST + ['--timeout', '0.5'])
+    assert seen == dict(backend='gloo', timeout=timedelta(seconds=30))
+    assert train.parse_args([]).timeout == 30
+
+
+def test_torchrun_failing_rank_speaks_last(tmp_path):
+    """2 ranks with the NoRGa gate: freezing alpha and tau after task 1 rebuilds DDP (which would otherwise wait
+    for their gradients). Then a resume in which rank 1 alone fails to load its data: its line is the last any
+    rank prints, rank 0 prints no traceback and exits quietly, and torchrun names rank 1 the root cause."""
+    script = tmp_path / 'run.py'
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {REPO!r})
+import data, train
+if os.environ['RANK'] == '1' and os.environ.get('FAIL'):
+    def load(*a, **k):
+        raise OSError('download of file:///gone to data/x failed: check the network')
+    data.load = load
+sys.exit(train.main(sys.argv[1:]))
+""")
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
+    cmd += FAST + ['--out', str(out), '--gate', 'tanh', '--stop-after', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / 'seed0' / 'checkpoint.pt', weights_only=False)['task'] == 2
+    r = subprocess.run(cmd + ['--resume'], env=dict(env, FAIL='1'), capture_output=True, text=True, timeout=110)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    ranks = lines[:next(i for i, line in enumerate(lines) if 'torch/distributed/elastic' in line)]  # before torchrun's
+    assert ranks[-1] == 'error: download of file:///gone to data/x failed: check the network', r.stderr[-3000:]
+    assert r.stderr.count('error:') == 1 and r.stderr.count('Traceback') == 1 and '[rank' not in r.stderr  # 1: torchrun's
+    root = r.stderr.split('Root Cause')[1]
+    assert 'rank      : 1 (local_rank: 1)' in root and 'exitcode  : 2' in root, root

@@ -9,6 +9,8 @@ SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
 import argparse
 import contextlib
 import importlib.util
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -99,6 +102,7 @@ def parse_args(argv=None):
     a('--compile', action='store_true', help='torch.compile the backbone')
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, default=None, help='stop after this many tasks (resume later with --resume)')
+    a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
     a('--eval-batch-size', type=int, default=256)
     a('--workers', type=int, default=None, help='image decoding processes (imagenet-r, cub200); default: the '
       'cores available to this process, less one')
@@ -112,7 +116,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.paper and args.dataset not in RELEASED_BACKBONE:
         p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
-    args.tasks = args.tasks or (5 if args.dataset == 'synthetic' else 10)
+    args.tasks = (5 if args.dataset == 'synthetic' else 10) if args.tasks is None else args.tasks
     released = PAPER.get((args.dataset, args.tasks))
     args.row = (args.dataset, args.tasks) if released else next(k for k in PAPER if k[0] == args.dataset)
     row = dict(PAPER[args.row])
@@ -144,8 +148,14 @@ def parse_args(argv=None):
         p.error("--iter-step and --hold do not apply to cub200: its released schedule is a per-epoch cosine")
     if args.split != 'fixed' and args.dataset != 'imagenet-r':
         p.error('--split applies to imagenet-r only')
-    if min(args.batch_size, args.epochs, args.tasks, args.iter_step or 1) < 1:
-        p.error('--batch-size, --epochs, --tasks and --iter-step must be positive')
+    positive = 'tasks epochs batch_size eval_batch_size lr iter_step stop_after ca_ratio timeout'.split()
+    for k in positive + ['hold', 'ca_epochs', 'workers', 'eps', 'router_weight', 'proto_weight']:
+        v, pos = getattr(args, k), k in positive
+        if v is not None and not (v > 0 if pos else v >= 0):  # `not`: NaN fails too
+            p.error(f"--{k.replace('_', '-')} must be {'positive' if pos else 'at least 0'}, got {v}")
+    classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}[args.dataset]
+    if classes % args.tasks:
+        p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
     return args
 
 
@@ -271,7 +281,7 @@ def run(args, seed, rank, world, device):
 
 def setup(args, seed, rank, world, device):
     """Data, backbone (both downloaded when missing, before anything is written), prompt, head, generators."""
-    train_set, test_set, vit = load_in_turn(args, seed, rank, world)
+    train_set, test_set, vit = load_in_turn(args, seed, rank, world, device)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
     model = Learner(vit, prompt, C).to(device)
@@ -294,55 +304,90 @@ def setup(args, seed, rank, world, device):
                      prompt_params=prompt.keys.numel() + prompt.values.numel())
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
-    if not args.resume and os.path.exists(ckpt_path(r)):
-        raise ValueError(f'{ckpt_path(r)} exists: pass --resume to continue it, or choose another --out')
     return r
 
 
-def load_in_turn(args, seed, rank, world):
+def load_in_turn(args, seed, rank, world, device):
     """Data set and backbone. Under torchrun the ranks take turns, so that no two download into the same
     files: rank 0 first, then the first rank of every other machine (whose disk may be its own), then the
     rest."""
     turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
-    for k in range(3):
-        if k == turn:
-            download = args.download and turn < 2
-            train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
-            torch.manual_seed(seed)  # backbone (tiny), prompt and head init; later draws use Run's generators
-            vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
-        if world > 1 and k < 2:
-            dist.barrier()
+    for k in range(3):  # after each turn all ranks agree that it went well
+        with together(world, device):
+            if k == turn:
+                download = args.download and turn < 2
+                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
+                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later draws: Run's generators
+                vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
     return train_set, test_set, vit
+
+
+@contextlib.contextmanager
+def together(world, device):
+    """Runs the block, then all ranks learn whether it failed on any (a barrier too): the lowest failing rank
+    raises its error, the others exit 0 quietly: torchrun names it the root cause, its line is the last."""
+    err = None
+    try:
+        yield
+    except Exception as e:
+        err = e
+    if world > 1:
+        first = torch.tensor(dist.get_rank() if err else world, device=device)
+        dist.all_reduce(first, dist.ReduceOp.MIN)
+        err = err if first.item() == dist.get_rank() else SystemExit(0) if first.item() < world else None
+    if err:
+        raise err
 
 
 def ckpt_path(r):
     return os.path.join(r.out, 'checkpoint.pt')
 
 
+def claim_out(args):
+    """(lock, created): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once."""
+    taken = [c for s in args.seeds if os.path.exists(c := os.path.join(args.out, f'seed{s}/checkpoint.pt'))]
+    if taken and not args.resume:
+        raise ValueError(f'{taken[0]} exists: pass --resume to continue it, or choose another --out')
+    created = not os.path.exists(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = open(os.path.join(args.out, '.lock'), 'a')
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out')
+    except OSError as e:
+        raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
+    return lock, created
+
+
 def resume(r):
-    """Continue after the last completed task; only a checkpoint made with the same settings is accepted."""
+    """Continue after the last completed task; only an intact checkpoint of the same settings is accepted."""
     if not os.path.exists(ckpt_path(r)):
+        r.log(f'{ckpt_path(r)} does not exist: starting from task 1')
         return 0
     try:
         ck = torch.load(ckpt_path(r), map_location=r.device, weights_only=False)
+        if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
+            raise ValueError('its sha256 does not match its content')
         config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
+        diff = [f'{k}: checkpoint {config.get(k)!r}, now {v!r}' for k, v in r.metrics['config'].items()
+                if config.get(k) != v]
+        diff += [f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}'] if sha != r.metrics[
+            'weights_sha256'] else []
+        if not diff:
+            r.model.prompt.load_state_dict(ck['prompt'])
+            r.model.head.load_state_dict(ck['head'])
+            r.stats, r.metrics, task = ck['stats'], ck['metrics'], ck['task']
+            r.gen.set_state(ck['gen'])
+            r.ca_gen.set_state(ck['ca_gen'])
     except Exception as e:
-        raise ValueError(f'{ckpt_path(r)} is not a readable checkpoint of train.py ({type(e).__name__}): '
-                         'move it away to start over, or choose another --out') from None
-    diff = [f'{k}: checkpoint {config.get(k)!r}, now {v!r}' for k, v in r.metrics['config'].items()
-            if config.get(k) != v]
-    diff += [f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}'] if sha != r.metrics[
-        'weights_sha256'] else []
+        raise ValueError(f'{ckpt_path(r)} is not a readable checkpoint of train.py ({type(e).__name__}: '
+                         f'{" ".join(str(e).split())}): move it away, or choose another --out') from None
     if diff:
         raise ValueError(f"{ckpt_path(r)} was made with other settings ({'; '.join(diff)}): "
                          'use the same flags or another --out')
-    r.model.prompt.load_state_dict(ck['prompt'])
-    r.model.head.load_state_dict(ck['head'])
-    r.stats, r.metrics = ck['stats'], ck['metrics']
-    r.gen.set_state(ck['gen'])
-    r.ca_gen.set_state(ck['ca_gen'])
-    r.log(f'resuming {r.out} after task {ck["task"]}/{r.args.tasks}')
-    return ck['task']
+    r.log(f'resuming {r.out} after task {task}/{r.args.tasks}')
+    return task
 
 
 @contextlib.contextmanager
@@ -373,9 +418,12 @@ def train_phase(r, task, name, dense, epochs):
         raise ValueError(f'task {task.t + 1} has {len(task.idx)} training images, fewer than one global '
                          f'batch of {args.batch_size} (incomplete batches are dropped): lower --batch-size')
     prompt.dense = dense
-    # NoRGa's alpha and tau train on task 1 only, then stay out of the optimizer (frozen)
-    trainable = [prompt.keys, prompt.values]
-    trainable += [prompt.alpha, prompt.tau] if args.gate != 'linear' and task.t == 0 else []
+    # NoRGa's alpha and tau train on task 1 only, then freeze: no gradient computed or all-reduced (new DDP)
+    if args.gate != 'linear' and task.t > 0 and prompt.alpha.requires_grad:
+        prompt.alpha.requires_grad = prompt.tau.requires_grad = False
+        if r.world > 1:
+            r.ddp = nn.parallel.DistributedDataParallel(r.model, broadcast_buffers=False)
+    trainable = [p for p in prompt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0,
                             weight_decay=0.0)  # lr: set from the schedule at every step
     schedule = iter(lr_schedule(args, len(task.idx), epochs))
@@ -516,6 +564,7 @@ def record(r, task, row, seconds, images_per_second):
     m['task_seconds'].append(seconds)
     m['images_per_second'].append(images_per_second)
     m['peak_memory_mb'].append(peak_memory_mb(r.device))
+    m['peak_memory'] = 'per task, CUDA allocator' if r.device.type == 'cuda' else 'process peak RSS so far'
     usage = r.model.prompt.usage.cpu()
     m['task_usage'].append((usage - torch.tensor(m.get('usage', 0))).sum(1).tolist())  # (L, E) this task's
     m.update(summarise(m['acc']), usage=usage.tolist())
@@ -526,12 +575,12 @@ def record(r, task, row, seconds, images_per_second):
 
 def save_checkpoint(r, task):
     """After every task, by rank 0, atomically: all a resumed run needs to end exactly as an uninterrupted
-    one. The run folder appears with the first checkpoint: a run that fails before it leaves no folder."""
+    one, and the sha256 of it, inside the same file (a kill cannot part them)."""
     if r.rank == 0:
         os.makedirs(r.out, exist_ok=True)
         state = dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
                      metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state())
-        atomic_save(state, ckpt_path(r))
+        atomic_save(dict(state, sha256=digest(state)), ckpt_path(r))
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
         plot(r)  # after every task, so a long run can be watched
 
@@ -560,20 +609,34 @@ def all_sum(t, world):
     return t
 
 
-def peak_memory_mb(device):  # CUDA: this process's peak allocation; CPU: its peak RSS
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task); CPU: the process's peak RSS
+    if device.type != 'cuda':
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def atomic_save(obj, path, json_too=False):
     tmp = path + '.tmp'
-    if json_too:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
+    try:
+        if json_too:
+            with open(tmp, 'w') as f:
+                json.dump(obj, f, indent=1)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
+    except (OSError, RuntimeError) as e:  # torch.save: RuntimeError on a full disk or a read-only folder
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f'cannot write {path} ({" ".join(str(e).split())}): free space or fix permissions')
+
+
+def digest(state):
+    """sha256 of checkpoint content wherever its tensors are: their bytes in order, then the rest as JSON."""
+    h = hashlib.sha256()
+    h.update(json.dumps(state, default=lambda t: h.update(t.cpu().contiguous().numpy())).encode())
+    return h.hexdigest()
 
 
 def summarise(acc):
@@ -659,38 +722,50 @@ def default_workers():
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    if args.batch_size < world:
-        print(f'error: --batch-size {args.batch_size} is the global batch: it must be at least the {world} '
-              'processes', file=sys.stderr)
-        return 2
-    args.workers = default_workers() if args.workers is None else args.workers
-    if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
-        print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
-              f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
-    device = torch.device(args.device)
-    if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
-        torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
-    if world > 1:
-        if device.type == 'cuda':
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    lock = None
     try:
+        if args.batch_size < world:
+            raise ValueError(f'--batch-size {args.batch_size} is the global batch: it must be at least the '
+                             f'{world} processes')
+        if args.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError(f'--device {args.device}: torch finds no CUDA GPU here: use --device cpu')
+        args.workers = default_workers() if args.workers is None else args.workers
+        if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
+            print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
+                  f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
+        device = torch.device(args.device)
+        if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
+            torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
+        if world > 1:
+            if device.type == 'cuda':
+                device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+                torch.cuda.set_device(device)
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                    timeout=timedelta(minutes=args.timeout))
+        with together(world, device):  # what the file system can tell before any download
+            if args.dataset != 'synthetic' and os.path.isfile(args.data_dir):
+                raise ValueError(f'--data-dir {args.data_dir} is a file: give a folder')
+            lock = claim_out(args) if rank == 0 else None
         results = {s: run(args, s, rank, world, device) for s in args.seeds}
+        done = [m for m in results.values() if len(m['acc']) == args.tasks]
+        if rank == 0 and len(done) > 1:
+            summary = {}
+            for k in ('faa', 'caa', 'forgetting'):
+                v = torch.tensor([m[k] for m in done], dtype=torch.float64)
+                summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
+                print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {args.seeds}")
+            atomic_save(summary, os.path.join(args.out, 'summary.json'), json_too=True)
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, failed downloads
         print(f'error: {e}', file=sys.stderr)
         return 2
     finally:
-        if world > 1:
+        if lock:
+            if lock[1] and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
+                os.remove(lock[0].name)
+                os.rmdir(args.out)
+            lock[0].close()
+        if dist.is_initialized():
             dist.destroy_process_group()
-    done = [m for m in results.values() if len(m['acc']) == args.tasks]
-    if rank == 0 and len(done) > 1:
-        summary = {}
-        for k in ('faa', 'caa', 'forgetting'):
-            v = torch.tensor([m[k] for m in done], dtype=torch.float64)
-            summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
-            print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {args.seeds}")
-        atomic_save(summary, os.path.join(args.out, 'summary.json'), json_too=True)
     return 0
 
 
