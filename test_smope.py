@@ -1622,10 +1622,13 @@ def slow(url, dst, **kw):  # a slow network: the other run arrives while this on
     time.sleep(1.5)
     real(url, dst, **kw)
 torch.hub.download_url_to_file = slow
-open(f'{log}.{me}', 'w').close()  # both start together
-while not all(os.path.exists(f'{log}.{k}') for k in '01'):
-    time.sleep(0.01)
+def together(step):  # both runs start each step at once
+    open(f'{log}.{step}{me}', 'w').close()
+    while not all(os.path.exists(f'{log}.{step}{k}') for k in '01'):
+        time.sleep(0.01)
+together('data')
 train, test = data.load('cifar100', data_dir=dest)
+together('hub')
 path = vit.cached(hub_url, 'w.pth', True)
 print(len(train), len(test), torch.load(path)['w'].tolist())
 '''
@@ -1641,7 +1644,9 @@ def test_two_runs_share_a_fresh_data_dir(cifar_dir, tmp_path):
                                (tmp_path / 'w.pth').as_uri()], cwd=Path(__file__).parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in '01']
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
-    assert all(rc == 0 and out.split() == ['300', '100', '[0,', '1,', '2]'] for out, err, rc in results), results
+    assert all(rc == 0 and out.splitlines()[-1] == '300 100 [0, 1, 2]' for out, err, rc in results), results
+    waited = sorted(line.split()[-1] for out, _, _ in results for line in out.splitlines()[:-1])
+    assert waited == sorted([str(dest / 'cifar-100-python'), str(tmp_path / 'torch' / 'hub' / 'checkpoints' / 'w.pth')])
     assert sorted(log.read_text().split()) == sorted([url, (tmp_path / 'w.pth').as_uri()])  # each fetched once
     assert sorted(p.name for p in dest.iterdir()) == ['cifar-100-python', 'cifar-100-python.tar.gz']
     assert sorted(p.name for p in (dest / 'cifar-100-python').iterdir()) == ['meta', 'test', 'train']
@@ -1698,7 +1703,8 @@ def test_unreadable_image_in_a_run(cub_dir, tmp_path, capsys):
     capsys.readouterr()
     assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f'error: {bad}: not a readable image (truncated or corrupt?): replace it, then --resume']
+    assert err.splitlines() == [f'error: {bad}: not a readable image (truncated or corrupt?): replace it, then '
+                                '--resume']
     assert (out / 'seed0' / 'checkpoint.pt').is_file()
     bad.write_bytes(good)
     assert train.main(argv + ['--resume']) == 0
@@ -1737,5 +1743,6 @@ def test_non_finite_weights_are_refused(tmp_path):
 def test_data_dir_that_is_a_file(tmp_path):
     (tmp_path / 'f').write_text('precious')
     for name in ('cifar100', 'imagenet-r', 'cub200'):
-        assert one_line_error(data.load, name, data_dir=tmp_path / 'f') == f'--data-dir {tmp_path / "f"} is not a folder'
+        msg = one_line_error(data.load, name, data_dir=tmp_path / 'f')
+        assert msg == f'--data-dir {tmp_path / "f"} is not a folder'
     assert (tmp_path / 'f').read_text() == 'precious' and sorted(p.name for p in tmp_path.iterdir()) == ['f']

@@ -147,7 +147,11 @@ def locked(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:  # a lock file its holder removed while we waited is stale: lock the current one
         f = open(f'{path}.lock', 'a')
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'waiting for another run fetching {path}', flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         if os.fstat(f.fileno()).st_nlink:
             break
         f.close()
