@@ -1622,10 +1622,13 @@ def slow(url, dst, **kw):  # a slow network: the other run arrives while this on
     time.sleep(1.5)
     real(url, dst, **kw)
 torch.hub.download_url_to_file = slow
-def together(step):  # both runs start each step at once
+def together(step):  # both runs start each step at once (or give up if the other failed)
     open(f'{log}.{step}{me}', 'w').close()
-    while not all(os.path.exists(f'{log}.{step}{k}') for k in '01'):
+    for _ in range(6000):
+        if all(os.path.exists(f'{log}.{step}{k}') for k in '01'):
+            return
         time.sleep(0.01)
+    sys.exit(f'the other run never reached {step}')
 together('data')
 train, test = data.load('cifar100', data_dir=dest)
 together('hub')
@@ -1643,7 +1646,11 @@ def test_two_runs_share_a_fresh_data_dir(cifar_dir, tmp_path):
     procs = [subprocess.Popen([sys.executable, '-c', RACE, str(dest), url, md5, str(log), me,
                                (tmp_path / 'w.pth').as_uri()], cwd=Path(__file__).parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in '01']
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    try:
+        results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert all(rc == 0 and out.splitlines()[-1] == '300 100 [0, 1, 2]' for out, err, rc in results), results
     waited = sorted(line.split()[-1] for out, _, _ in results for line in out.splitlines()[:-1])
     assert waited == sorted([str(dest / 'cifar-100-python'), str(tmp_path / 'torch' / 'hub' / 'checkpoints' / 'w.pth')])
