@@ -1,19 +1,20 @@
 """Datasets, class orders and augmented batches for class-incremental learning (SPEC section 7).
 Every random draw comes from the caller's generator and each global batch is drawn identically on
 every rank, so runs are reproducible, resumable and independent of the number of ranks and workers."""
-import hashlib
 import os
 import random
 import shutil
+import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torchvision import datasets
-from torchvision.datasets.utils import extract_archive
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
+
+import vit
 
 IMR_URL = 'https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar'
 IMR_MD5 = 'a61312130a589d0ca1a8fca1f2bd3337'
@@ -24,8 +25,6 @@ CUB_URL = 'https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?d
 CUB_MD5 = '97eceeb196236b17998738112f37df78'
 CUB_FILES = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt')
 NAMES = ('cifar100', 'imagenet-r', 'cub200', 'synthetic')
-# torchvision 0.29 deprecates its decoders (in favour of torchcodec) and warns on every image
-warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities', DeprecationWarning)
 
 
 @dataclass(eq=False)
@@ -53,6 +52,8 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
     """(train, test) Images of a benchmark; a missing data set is downloaded unless download=False."""
     if name not in NAMES:
         raise ValueError(f'unknown dataset {name!r}: choose one of {", ".join(NAMES)}')
+    if name != 'synthetic' and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f'--data-dir {data_dir} is not a folder')
     if name == 'cifar100':
         return cifar100(data_dir, download)
     if name == 'cub200':
@@ -152,57 +153,51 @@ def read_split(path):
     return [s[2:].strip() for s in lines[1:k]], [int(s[2:]) for s in lines[k + 1:]]
 
 
-def checksum(path, algorithm='sha256'):
-    h = hashlib.new(algorithm)
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path, expected, algorithm='sha256'):
-    if (got := checksum(path, algorithm)) != expected:
+    if (got := vit.checksum(path, algorithm)) != expected:
         raise ValueError(f'{path}: {algorithm} {got} does not match the expected {expected}')
 
 
 def fetch(url, path, md5=None, sha256=None):
-    """Download url to path through path.part, checked before it is renamed: a failed, interrupted or corrupt
-    download never leaves a file under the real name (nor, failing, a .part)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.part')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        if md5 or sha256:
-            verify(tmp, md5 or sha256, 'md5' if md5 else 'sha256')
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
-                      "or fetch the file there yourself") from None
+    """Download url to path (checked, see vit.fetch) unless another run did while this one waited its turn."""
+    with vit.locked(path):
+        if not os.path.isfile(path):
+            vit.fetch(url, path, 'md5' if md5 else 'sha256', md5 or sha256)
 
 
 def fetch_archive(url, data_dir, archive, folder, md5):
     """Download data_dir/archive unless it is there, then unpack it so that data_dir/folder appears whole or
     not at all: the archive is extracted into a hidden folder first and its `folder` moved into place."""
     data_dir = Path(data_dir)
-    if not (data_dir / archive).is_file():
-        fetch(url, data_dir / archive, md5=md5)
-    else:  # put there by hand, or left by an older run: checked all the same
-        try:
-            verify(data_dir / archive, md5, 'md5')
-        except ValueError as e:
-            raise ValueError(f'{e}: delete it to download it again') from None
-    tmp = data_dir / f'.{folder}.unpacking'
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        extract_archive(str(data_dir / archive), str(tmp))
-        os.replace(tmp / folder, data_dir / folder)
-    except Exception as e:
-        raise ValueError(f'{data_dir / archive} did not unpack into {folder}/ ({" ".join(str(e).split())}): '
-                         'delete it to download it again') from None
-    finally:
+    with vit.locked(data_dir / folder):
+        if (data_dir / folder).is_dir():  # another run unpacked it while this one waited its turn
+            return
+        if not (data_dir / archive).is_file():
+            vit.fetch(url, data_dir / archive, 'md5', md5)
+        else:  # put there by hand, or left by an older run: checked all the same
+            try:
+                verify(data_dir / archive, md5, 'md5')
+            except ValueError as e:
+                raise ValueError(f'{e}: delete it to download it again') from None
+        tmp = data_dir / f'.{folder}.unpacking'
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with tarfile.open(data_dir / archive) as tar:
+                tar.extraction_filter = getattr(tarfile, 'data_filter', None)  # Python's own, where it has it
+                tar.extractall(tmp, (_inside(m) for m in tar))
+            os.replace(tmp / folder, data_dir / folder)
+        except Exception as e:
+            raise ValueError(f'{data_dir / archive} did not unpack into {folder}/ '
+                             f'({" ".join(str(e).split())}): delete it to download it again') from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _inside(m):  # a file, folder or link, its name and target relative without '..': none lands outside
+    paths = [m.name] + ([m.linkname] if m.issym() or m.islnk() else [])
+    if not (m.isfile() or m.isdir() or paths[1:]) or any(p[:1] == '/' or '..' in p.split('/') for p in paths):
+        raise ValueError(f"member {' -> '.join(paths)} is not a file, folder or link inside it: refused")
+    return m
 
 
 def random_split(root, seed, test_frac=0.2):
@@ -249,8 +244,7 @@ def synthetic(num_classes=50, train_per_class=40, test_per_class=10, size=32, se
 
 def class_order(num_classes, seed):
     order = list(range(num_classes))
-    random.seed(seed)  # Python's global RNG, exactly as the released code does
-    random.shuffle(order)
+    random.Random(seed).shuffle(order)  # the released code's random.seed(seed); random.shuffle(order)
     return order
 
 
@@ -313,6 +307,16 @@ def _eval(x, S, resize):  # uint8 (...,3,H,W) -> (...,3,S,S): the released test 
     return TF.resize(x, [S, S], antialias=True)  # 'cifar': the released Resize(224) of a square image
 
 
+def _read(path):  # (3,h,w) uint8
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders and warns on every image
+            warnings.simplefilter('ignore', DeprecationWarning)
+            return decode_image(path, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        raise ValueError(f'{path}: not a readable image (truncated or corrupt?): replace it, then --resume') \
+            from None
+
+
 class _Decode(torch.utils.data.Dataset):
     """Decodes one file per item (file index, seed); seed < 0 means the eval transform."""
     def __init__(self, files, S, resize):
@@ -320,7 +324,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         k, seed = item
-        x, S = decode_image(self.files[k], mode=ImageReadMode.RGB), self.S
+        x, S = _read(self.files[k]), self.S
         if seed >= 0:  # per-sample generator: results do not depend on which worker runs it
             g = torch.Generator().manual_seed(seed)
             top, left, h, w = crop_boxes(1, x.shape[1], x.shape[2], g)[0].tolist()
@@ -377,7 +381,10 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
         elif cached(b):
             x = torch.stack([store[k] for k, _ in b])
         else:
-            x = next(loader)
+            try:
+                x = next(loader)
+            except ValueError as e:  # a worker's error comes with its traceback in the message: keep our line
+                raise ValueError(str(e).splitlines()[-1].removeprefix('ValueError: ')) from None
             if store is not None:
                 store.update((k, xk.clone()) for (k, _), xk in zip(b, x))
         x = x.to(device, non_blocking=True).float().div_(255)

@@ -474,14 +474,14 @@ def test_bad_weights(tmp_path):
         check_error(ValueError, 'not a readable safetensors', m, tmp_path / 'bad.safetensors')
 
 
-def test_vit_large_guess(tmp_path):
-    # only the keys that carry the shapes the guess needs; zeros keep it cheap
+def test_vit_large_mismatch(tmp_path):
+    # only the keys that carry the shapes; zeros keep it cheap
     sd = {'patch_embed.proj.weight': torch.zeros(1024, 3, 16, 16), 'cls_token': torch.zeros(1, 1, 1024),
           'pos_embed': torch.zeros(1, 197, 1024), **{f'blocks.{i}.norm1.weight': torch.zeros(1024) for i in range(24)}}
     torch.save(sd, tmp_path / 'large.pth')
-    msg = check_error(ValueError, r'patch_embed\.proj\.weight \(1024, 3, 16, 16\).*looks like ViT-L/16', ViT(),
+    msg = check_error(ValueError, r'patch_embed\.proj\.weight \(1024, 3, 16, 16\) vs ours \(768, 3, 16, 16\)', ViT(),
                       tmp_path / 'large.pth')
-    assert '24 blocks' in msg
+    assert 'more); build a ViT to match' in msg
 
 
 class FakePrompt(nn.Module):
@@ -1978,3 +1978,201 @@ sys.exit(train.main(sys.argv[1:]))
     assert r.stderr.count('error:') == 1 and r.stderr.count('Traceback') == 1 and '[rank' not in r.stderr  # 1: torchrun's
     root = r.stderr.split('Root Cause')[1]
     assert 'rank      : 1 (local_rank: 1)' in root and 'exitcode  : 2' in root, root
+
+
+# --- issue 16 (data.py, vit.py): unpacking, shared folders, stale partials, unreadable images, small things
+
+def bad_tar(path, members):
+    """A tar archive (compression from the name) of (name, kind, payload) members, built by hand so that names
+    stay exactly as given (tarfile.add would strip a leading '/')."""
+    mode = 'w:gz' if path.name.endswith(('.gz', '.tgz')) else 'w'
+    import io
+    with tarfile.open(path, mode) as tar:
+        for name, kind, payload in members:
+            ti = tarfile.TarInfo(name)
+            if kind == 'dir':
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            elif kind == 'sym':
+                ti.type, ti.linkname = tarfile.SYMTYPE, payload
+            else:
+                ti.size = len(payload)
+            tar.addfile(ti, io.BytesIO(payload) if kind == 'file' else None)
+    return path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize('dataset', ['cifar100', 'imagenet-r', 'cub200'])
+@pytest.mark.parametrize('case', ['dotdot', 'absolute', 'symlink'])
+def test_archive_members_outside_are_refused(dataset, case, tmp_path, monkeypatch):
+    """Each download's archive (.tar.gz, .tar, .tgz) served through the real fetch_archive: a member that would
+    land outside the data folder refuses the whole archive in one line; nothing appears outside, no folder."""
+    top = tmp_path / 'top'  # everything outside the data folder that an attack could reach
+    (top / 'outside').mkdir(parents=True)
+    dest, src = top / 'data', tmp_path / 'src'
+    src.mkdir()
+    folder, name = {'cifar100': ('cifar-100-python', 'cifar.tar.gz'), 'imagenet-r': ('imagenet-r', 'imr.tar'),
+                    'cub200': ('CUB_200_2011', 'cub.tgz')}[dataset]
+    evil = {'dotdot': [(f'{folder}/../../../escaped', 'file', b'x')],
+            'absolute': [(str(top / 'outside' / 'escaped'), 'file', b'x')],
+            'symlink': [(f'{folder}/lnk', 'sym', str(top / 'outside')), (f'{folder}/lnk/escaped', 'file', b'x')]}[case]
+    url, md5 = bad_tar(src / name, [(folder, 'dir', None), (f'{folder}/ok.txt', 'file', b'fine')] + evil)
+    if dataset == 'cifar100':
+        monkeypatch.setattr(torchvision.datasets.CIFAR100, 'url', url)
+        monkeypatch.setattr(torchvision.datasets.CIFAR100, 'tgz_md5', md5)
+    else:
+        monkeypatch.setattr(data, 'IMR_URL' if dataset == 'imagenet-r' else 'CUB_URL', url)
+        monkeypatch.setattr(data, 'IMR_MD5' if dataset == 'imagenet-r' else 'CUB_MD5', md5)
+    if dataset == 'cifar100':  # a Python without tarfile's 'data' filter (before 3.11.4): our own check alone
+        monkeypatch.delattr(tarfile, 'data_filter', raising=False)
+    with pytest.raises(Exception) as e:
+        data.load(dataset, data_dir=dest)
+    assert sorted(p.name for p in top.iterdir()) == ['data', 'outside'] and not list((top / 'outside').iterdir())
+    archive_name = {'cifar100': 'cifar-100-python.tar.gz', 'imagenet-r': 'imagenet-r.tar',
+                    'cub200': 'CUB_200_2011.tgz'}[dataset]
+    assert [p.name for p in dest.iterdir()] == [archive_name]  # kept; no folder, no hidden folder, no lock
+    msg = str(e.value)
+    assert e.type is ValueError and '\n' not in msg and msg.startswith(f'{dest / archive_name} did not unpack')
+    assert evil[0][0] in msg and 'refused' in msg
+
+
+RACE = r'''
+import os, sys, time, torch, torchvision, vit, data
+dest, url, md5, log, me, hub_url = sys.argv[1:]
+torchvision.datasets.CIFAR100.url, torchvision.datasets.CIFAR100.tgz_md5 = url, md5
+torchvision.datasets.cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+real = torch.hub.download_url_to_file
+def slow(url, dst, **kw):  # a slow network: the other run arrives while this one downloads
+    open(log, 'a').write(url + '\n')
+    time.sleep(1.5)
+    real(url, dst, **kw)
+torch.hub.download_url_to_file = slow
+def together(step):  # both runs start each step at once (or give up if the other failed)
+    open(f'{log}.{step}{me}', 'w').close()
+    for _ in range(6000):
+        if all(os.path.exists(f'{log}.{step}{k}') for k in '01'):
+            return
+        time.sleep(0.01)
+    sys.exit(f'the other run never reached {step}')
+together('data')
+train, test = data.load('cifar100', data_dir=dest)
+together('hub')
+path = vit.cached(hub_url, 'w.pth', True)
+print(len(train), len(test), torch.load(path)['w'].tolist())
+'''
+
+
+def test_two_runs_share_a_fresh_data_dir(cifar_dir, tmp_path):
+    """Two runs on one fresh --data-dir and one fresh hub cache at once: one downloads and unpacks each file while
+    the other waits its turn and then uses it; both succeed, nothing is left beside the results."""
+    url, md5 = archive(cifar_dir, ['cifar-100-python'], tmp_path / 'c.tar.gz')
+    torch.save({'w': torch.arange(3)}, tmp_path / 'w.pth')
+    dest, log, env = tmp_path / 'fresh', tmp_path / 'log', dict(os.environ, TORCH_HOME=str(tmp_path / 'torch'))
+    procs = [subprocess.Popen([sys.executable, '-c', RACE, str(dest), url, md5, str(log), me,
+                               (tmp_path / 'w.pth').as_uri()], cwd=Path(__file__).parent, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in '01']
+    try:
+        results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(rc == 0 and out.splitlines()[-1] == '300 100 [0, 1, 2]' for out, err, rc in results), results
+    waited = sorted(line.split()[-1] for out, _, _ in results for line in out.splitlines()[:-1])
+    assert waited == sorted([str(dest / 'cifar-100-python'), str(tmp_path / 'torch' / 'hub' / 'checkpoints' / 'w.pth')])
+    assert sorted(log.read_text().split()) == sorted([url, (tmp_path / 'w.pth').as_uri()])  # each fetched once
+    assert sorted(p.name for p in dest.iterdir()) == ['cifar-100-python', 'cifar-100-python.tar.gz']
+    assert sorted(p.name for p in (dest / 'cifar-100-python').iterdir()) == ['meta', 'test', 'train']
+    assert [p.name for p in (tmp_path / 'torch' / 'hub' / 'checkpoints').iterdir()] == ['w.pth']
+
+
+def test_stale_partials_are_removed(cifar_dir, hub, tmp_path, monkeypatch):
+    """What killed downloads leave beside a target (our .part, torch.hub's .part.<id>.partial) goes with the next
+    download of that target, in the data folder and in the hub cache."""
+    url, md5 = archive(cifar_dir, ['cifar-100-python'], tmp_path / 'c.tar.gz')
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, 'url', url)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, 'tgz_md5', md5)
+    cache, _ = hub
+    dest = tmp_path / 'd'
+    stale = [dest / 'cifar-100-python.tar.gz.part', dest / 'cifar-100-python.tar.gz.part.0123abcd.partial',
+             cache / (vit.BACKBONES['dino1k'][1] + '.part.4567ef.partial')]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b'half' * 1000)
+    data.load('cifar100', data_dir=dest)
+    load_weights(tiny_ours(), 'dino1k')
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in dest.iterdir()) == ['cifar-100-python', 'cifar-100-python.tar.gz']
+    assert [p.name for p in cache.iterdir()] == [vit.BACKBONES['dino1k'][1]]
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_unreadable_image_is_one_line(imr_dir, workers):
+    """A truncated, empty or garbled JPEG, in training or test images: one line naming the file, from a worker too."""
+    train_set, test_set = data.load('imagenet-r', data_dir=imr_dir)
+    for ds, train_mode, content in ((train_set, True, lambda b: b[:len(b) // 2]), (test_set, False, lambda b: b''),
+                                    (train_set, True, lambda b: b'not an image' * 9)):
+        bad = Path(ds.files[1])
+        good = bad.read_bytes()
+        bad.write_bytes(content(good))
+        g = torch.Generator().manual_seed(0)
+        msg = one_line_error(lambda: list(data.batches(ds, torch.arange(len(ds)), 2, train_mode, g, 'cpu',
+                                                       image_size=16, workers=workers)))
+        assert msg == f'{bad}: not a readable image (truncated or corrupt?): replace it, then --resume'
+        bad.write_bytes(good)
+
+
+def test_unreadable_image_in_a_run(cub_dir, tmp_path, capsys):
+    """train.main on CUB with one truncated training image of task 2: exit 2 and a single error line naming the
+    file; task 1's checkpoint stays, and once the file is replaced --resume completes the run."""
+    c = data.class_order(20, 0)[15]  # a class of task 2
+    bad = cub_dir / 'CUB_200_2011' / 'images' / f'{c + 1:03d}.Bird_{c}' / f'Bird_{c}_0.jpg'
+    good = bad.read_bytes()
+    bad.write_bytes(good[:len(good) // 3])
+    out = tmp_path / 'run'
+    argv = FAST + ['--dataset', 'cub200', '--data-dir', str(cub_dir), '--tasks', '2', '--arch', 'tiny', '--weights',
+                   'none', '--batch-size', '10', '--prompt-layers', '2', '--experts', '8', '--top-k', '2',
+                   '--workers', '1', '--out', str(out)]
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f'error: {bad}: not a readable image (truncated or corrupt?): replace it, then '
+                                '--resume']
+    assert (out / 'seed0' / 'checkpoint.pt').is_file()
+    bad.write_bytes(good)
+    assert train.main(argv + ['--resume']) == 0
+
+
+def test_class_order_leaves_the_global_random_alone():
+    random.seed(1234)
+    state = random.getstate()
+    for seed in (0, 1, 1993):
+        expected, saved = list(range(100)), random.getstate()
+        random.seed(seed)
+        random.shuffle(expected)  # the released code's order, from the global RNG
+        random.setstate(saved)
+        assert data.class_order(100, seed) == expected and random.getstate() == state
+
+
+def test_import_data_leaves_the_warnings_filter_alone(imr_dir):
+    code = ('import warnings, torch, torchvision, vit; before = list(warnings.filters); import data; '
+            'assert warnings.filters == before, warnings.filters[:2]; '
+            'warnings.simplefilter("error"); x = data._read(sys.argv[1]); assert x.shape[0] == 3; '
+            'assert warnings.filters[0][0] == "error"')
+    r = subprocess.run([sys.executable, '-c', 'import sys; ' + code, str(imr_dir / 'imagenet-r' / 'n01' / 'art_0.jpg')],
+                       cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    torch.manual_seed(0)
+    sd = ViT(**train.TINY).state_dict()
+    sd['blocks.1.mlp.fc1.weight'][3, 4] = float('nan')
+    torch.save(sd, tmp_path / 'nan.pth')
+    msg = check_error(ValueError, 'blocks.1.mlp.fc1.weight holds NaN or inf', ViT(**train.TINY), tmp_path / 'nan.pth')
+    assert msg.startswith(str(tmp_path / 'nan.pth'))
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / 'f').write_text('precious')
+    for name in ('cifar100', 'imagenet-r', 'cub200'):
+        msg = one_line_error(data.load, name, data_dir=tmp_path / 'f')
+        assert msg == f'--data-dir {tmp_path / "f"} is not a folder'
+    assert (tmp_path / 'f').read_text() == 'precious' and sorted(p.name for p in tmp_path.iterdir()) == ['f']

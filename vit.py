@@ -1,5 +1,8 @@
 """Plain ViT with timm's parameter and attribute names (smope.attach routes its attention through a prompt);
 loads torchvision weights, timm checkpoints and the released code's backbones by name (SPEC section 7)."""
+import contextlib
+import fcntl
+import glob
 import hashlib
 import math
 import os
@@ -132,17 +135,53 @@ def cached(url, name, download, hash_prefix=None):
     if not download:
         raise FileNotFoundError(f'{path} not found and downloads are off (--no-download): '
                                 f'fetch {url} to that path')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:  # torch.hub writes a temporary file beside the target and renames it once complete and checked
-        torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=True)
-    except Exception as e:
-        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
-                      "or fetch the file to that path yourself") from None
+    with locked(path):
+        if not os.path.isfile(path):  # else another run fetched it while this one waited
+            fetch(url, path, 'sha256', hash_prefix)
     return path
 
 
-def sha256(path):
-    h = hashlib.sha256()
+@contextlib.contextmanager
+def locked(path):
+    """Holds <path>.lock (made with its folder) while fetching path: runs sharing a folder take turns."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:  # a lock file its holder removed while we waited is stale: lock the current one
+        f = open(f'{path}.lock', 'a')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'waiting for another run fetching {path}', flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if os.fstat(f.fileno()).st_nlink:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        os.remove(f.name)  # before unlocking, as the loop above expects
+        f.close()
+
+
+def fetch(url, path, algorithm='sha256', expected=None):
+    """Download url to path through path.part, its hash checked to start with `expected` before it is renamed;
+    under locked(path), first removing what killed runs left (path.part, torch.hub's path.part.*.partial)."""
+    tmp = f'{path}.part'
+    for p in glob.glob(glob.escape(tmp) + '*'):
+        os.remove(p)
+    try:
+        torch.hub.download_url_to_file(url, tmp, progress=True)
+        if expected and not (got := checksum(tmp, algorithm)).startswith(expected):
+            raise ValueError(f'{algorithm} {got} does not match the expected {expected}')
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
+                      "or fetch the file to that path yourself") from None
+
+
+def checksum(path, algorithm='sha256'):
+    h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -204,15 +243,6 @@ def _resize_pos(pe, n):
     return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n, -1).to(pe.dtype)], 1)
 
 
-def _guess(sd):
-    w = sd.get('patch_embed.proj.weight')
-    if w is None:
-        return 'no patch_embed.proj.weight to guess the architecture from'
-    name = {192: 'ViT-Ti', 384: 'ViT-S', 768: 'ViT-B', 1024: 'ViT-L', 1280: 'ViT-H'}.get(w.shape[0], 'ViT')
-    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
-    return f"looks like {name}/{w.shape[-1]} (width {w.shape[0]}, {depth} blocks)"
-
-
 def load_weights(model, weights, download=True):
     """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path.
     Sets model.mean, model.std (the input normalisation the weights expect) and model.weights_sha256 (of the
@@ -221,7 +251,7 @@ def load_weights(model, weights, download=True):
         return model
     weights = os.fspath(weights)
     path, norm, prefix = resolve(weights, download)
-    digest = sha256(path) if os.path.isfile(path) else None
+    digest = checksum(path) if os.path.isfile(path) else None
     if prefix and not digest.startswith(prefix):
         raise ValueError(f'{path}: sha256 {digest} does not start with the {prefix} of its name (a corrupt '
                          'download?): delete it to download it again')
@@ -239,7 +269,9 @@ def load_weights(model, weights, download=True):
         more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
         raise ValueError(f"{weights}: {layout} checkpoint does not fit ViT(width={model.width}, "
                          f"depth={model.depth}, patch={model.patch_size}): {'; '.join(bad[:4])}{more}; "
-                         f"{_guess(sd)}; build a ViT to match")
+                         "build a ViT to match")
+    if bad := [k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()]:
+        raise ValueError(f"{path}: {bad[0]} holds NaN or inf (a corrupt weights file?): replace it")
     model.load_state_dict(sd, strict=True)
     model.mean, model.std, model.weights_sha256 = tuple(mean), tuple(std), digest
     return model
