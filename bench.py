@@ -5,7 +5,7 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
     python bench.py --pipeline               # images/s of the ImageNet-R input pipeline, per worker count
-    python bench.py --counts --precision bf16  # FLOPs, ops, host syncs, saved bytes; projected GPU step
+    python bench.py --counts                 # FLOPs, ops, host syncs, saved bytes; a projected GPU step
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
@@ -14,12 +14,12 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   d      two-pass baseline: query forward + prompted forward (L2P / DualPrompt / HiDe)
   e      SMoPE training step: forward, CE + router + prototype loss, backward, AdamW
   f      training limit: frozen forward + backward through all blocks, activation gradients only
---pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device)
-on JPEGs of ImageNet-R's sizes generated on the spot, for each worker count, and checks that every worker
-count yields the same batches. --counts counts e (fused AdamW), the two-pass step a + e and f on fake tensors
-(FakeTensorMode: shapes only, no GPU): FLOPs, aten ops, launches (ops but views), host syncs, bytes saved for
-backward in fp32 and bf16; projected on --gpu: ms = FLOPs / (peak x reached) + launches x launch cost, peak
-memory = weights + gradients + AdamW moments + batch + saved tensors. train.py logs its own step times.
+--pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device) on
+JPEGs of ImageNet-R's sizes made on the spot, per worker count, and checks that all yield the same batches.
+--counts counts e (fused AdamW), the two-pass step a + e and f in fp32 and bf16 on fake tensors (shapes only,
+no GPU): FLOPs, aten ops, launches (those but views), host syncs, bytes saved for backward; and projects on
+--gpu ms = FLOPs / (peak x share reached) + launches x launch cost and peak memory = weights + gradients +
+AdamW moments + batch + saved tensors. (train.py logs its own step times.)
 """
 import argparse
 import copy
@@ -35,7 +35,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,9 +73,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.pipeline:
-        return pipeline(args)
-    dev, cuda = torch.device(args.device), args.device == 'cuda'
+    res = pipeline(args) if args.pipeline else measure(args)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def measure(args):
+    dev, cuda, B = torch.device(args.device), args.device == 'cuda', args.batch_size
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
     vit = ViT().to(dev).eval().requires_grad_(False)  # ViT-B/16
@@ -97,7 +101,6 @@ def main(argv=None):
     if args.compile:
         torch._dynamo.config.recompile_limit = 32  # one graph per (prompt module, grad mode) pair
         vit.compile()
-    B = args.batch_size
     with fake or torch.device(dev):
         x, y = torch.rand(B, 3, vit.image_size, vit.image_size), torch.randint(0, 100, (B,))
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
@@ -180,8 +183,6 @@ def main(argv=None):
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
     print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} "
           "min")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -221,14 +222,11 @@ def pipeline(args):
     for n, v in rates.items():
         print(f'  workers {n:>2}: {v:7.1f} images/s')
     print(f'same batches for every worker count: {same}')
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res
 
 
 class Ops(TorchDispatchMode):
-    """Counts aten ops, those that are not views (~ kernel launches), and as syncs (name, first argument)
-    those that make a GPU wait for the host (a value or size they compute is needed there)."""
+    """Counts aten ops, launches (those but views) and as syncs (name, first argument) ops a GPU waits on."""
     ops, launches, syncs = 0, 0, ()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -238,7 +236,7 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counts(args, run, x, modules):
+def counts(args, v, x, modules):
     """--counts (see the top): f, e and a + e in fp32 and bf16 on fake tensors; modules: those that train."""
     B, rows, lim, (gpu, *spec), aten = len(x), {}, 0, args.gpu.split(','), torch.ops.aten
     bf16, tf32, util, launch_us, hbm = map(float, spec)
@@ -248,28 +246,24 @@ def counts(args, run, x, modules):
     flash = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__:
              fc.sdpa_flop_count(q, k, v), aten._scaled_dot_product_flash_attention_for_cpu_backward:
              lambda g, q, k, v, *_, **__: fc.sdpa_backward_flop_count(g, q, k, v)}  # CUDA flash's formulas
-    steps = [('limit', run['f']), ('ours', run['e']), ('two-pass', lambda: (run['a'](), run['e']()))]
     with x.fake_mode:  # factories too make fake tensors
-        run['e']()  # AdamW creates its state on the first step
-        for name, fn in steps:
+        v['e']()  # AdamW creates its state on the first step
+        for name, fn in [('limit', v['f']), ('ours', v['e']), ('two-pass', lambda: (v['a'](), v['e']()))]:
             for args.precision in ('fp32', 'bf16'):  # the variants' autocast reads it
                 ops, flops, saved = Ops(), fc.FlopCounterMode(display=False, custom_mapping=flash), {}
                 pack = lambda t: saved.update({(s := t.untyped_storage())._cdata: s.nbytes()}) or t
                 with flops, ops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     fn()
-                mem, flop = sum(v for k, v in saved.items() if k not in resident), flops.get_total_flops()
-                peak, lim = bf16 if args.precision == 'bf16' else tf32, lim or flop  # limit fp32 comes first
-                rows[f'{name} {args.precision}'] = dict(
-                    gflop=flop / B / 1e9, x_limit=flop / lim, ops=ops.ops, launches=ops.launches,
-                    syncs=len(ops.syncs), saved_mib=mem / B / 2**20, ms=flop / (peak * 1e9 * util)
-                    + ops.launches * launch_us / 1e3, peak_gib=(state + mem + x.nbytes) / 2**30)
-    print(f'one training step, batch {B}, on fake tensors (torch {torch.__version__}); per image: GFLOP, MiB '
-          f'saved; projected on {gpu} ({bf16:g} / {tf32:g} TFLOP/s bf16 / TF32, {util:g} of it reached, '
-          f'{launch_us:g} us per launch, {hbm:g} GiB): ms, peak GiB')
+                mem, flop = sum(n for k, n in saved.items() if k not in resident), flops.get_total_flops()
+                lim, peak = lim or flop, bf16 if args.precision == 'bf16' else tf32  # limit fp32 comes first
+                rows[f'{name} {args.precision}'] = dict(gflop=flop / B / 1e9, x_limit=flop / lim, ops=ops.ops,
+                    launches=ops.launches, syncs=len(ops.syncs), saved_mib=mem / B / 2**20, peak_gib=(state
+                    + mem + x.nbytes) / 2**30, ms=flop / (peak * 1e9 * util) + ops.launches * launch_us / 1e3)
+    print(f'training step, batch {B}, fake tensors, torch {torch.__version__}; gflop, saved_mib: per image; '
+          f'ms, peak_gib: on {gpu}, {bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, '
+          f'{hbm:g} GiB')
     for k, r in [('step', {c: c for c in rows['limit fp32']})] + list(rows.items()):
-        print(f'{k:<14}' + ''.join(f'{v if k == "step" else round(v, 2):>10}' for v in r.values()))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(dict(rows=rows, gpu=args.gpu), indent=1))
+        print(f'{k:<14}' + ''.join(f'{c if k == "step" else round(c, 2):>10}' for c in r.values()))
     return rows
 
 
