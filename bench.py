@@ -33,11 +33,11 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train
 from smope import SMoPE, attach
 from vit import ViT
 
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     a('--gpu', default='H100 SXM,989,495,0.5,4,80', help='--counts: name, dense peak TFLOP/s in bf16 and '
       'TF32, fraction of the peak reached, GPU time per launch (us; gap and tail), memory (GiB)')
     args = p.parse_args(argv)
+    args.router_weight = args.proto_weight = 1e-5  # e's loss weights (train.step_loss reads them)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1
     cuda = args.device == 'cuda' or args.pipeline
@@ -92,16 +93,16 @@ def measure(args):
     prompt.begin_task()
     dense, ref, train_prompt = copy.deepcopy(prompt), copy.deepcopy(prompt), copy.deepcopy(prompt).train()
     dense.dense, ref.fused = True, False
-    # train.Learner's head and optimiser inlined: train.py imports data.py, which a benchmark need not
-    head, fake = nn.Linear(vit.width, 100).to(dev), args.counts and torch._subclasses.FakeTensorMode()
-    if fake:  # fake copies of what a, e and f use: ViT-B/16 at batch 128 costs nothing
-        vit, train_prompt, head = torch._dynamo.utils.deepcopy_to_fake_tensor((vit, train_prompt, head), fake)
+    model, fake = train.Learner(vit, train_prompt, 100).to(dev), torch._subclasses.FakeTensorMode()
+    if args.counts:  # a fake copy of what a, e and f use: ViT-B/16 at batch 128 costs nothing
+        model = torch._dynamo.utils.deepcopy_to_fake_tensor(model, fake)
+    vit, train_prompt, head = model.vit, model.prompt, model.head
     opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3), dict(params=head.parameters(),
                             lr=1e-3)], weight_decay=0.0, fused=cuda or args.counts)  # as train.py on CUDA
     if args.compile:
         torch._dynamo.config.recompile_limit = 32  # one graph per (prompt module, grad mode) pair
         vit.compile()
-    with fake or torch.device(dev):
+    with fake if args.counts else torch.device(dev):
         x, y = torch.rand(B, 3, vit.image_size, vit.image_size), torch.randint(0, 100, (B,))
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
 
@@ -111,14 +112,10 @@ def measure(args):
         with autocast():
             return vit(x)
 
-    def train_step():
+    def train_step():  # train.py's: CE over all 100 classes, router and prototype losses weighted 1e-5
         attach(vit, train_prompt)
         opt.zero_grad(set_to_none=True)
-        with autocast():
-            logits = head(vit(x)).float()
-            loss = (F.cross_entropy(logits, y) + 1e-5 * train_prompt.router_loss()
-                    + 1e-5 * train_prompt.prototype_loss())
-        loss.backward()
+        train.step_loss(model, train_prompt, x, y, 0, 100, args)[0].backward()
         opt.step()
 
     def train_limit():
@@ -135,7 +132,7 @@ def measure(args):
                 'c': lambda: infer(dense), 'd': lambda: (infer(None), infer(prompt)), 'e': train_step,
                 'f': train_limit}
     if args.counts:
-        return counts(args, variants, x, (vit, train_prompt, head))
+        return counts(args, variants, x, model)
     with torch.no_grad():  # exactness, once, in fp32: the fused kernel must reproduce Eq. 3 written out
         diff = (attach(vit, prompt)(x) - attach(vit, ref)(x)).abs().max().item()
     times, peaks = {k: [] for k in variants}, {k: 0 for k in variants}
@@ -236,11 +233,11 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counts(args, v, x, modules):
-    """--counts (see the top): f, e and a + e in fp32 and bf16 on fake tensors; modules: those that train."""
+def counts(args, v, x, model):
+    """--counts (see the top): f, e and a + e in fp32 and bf16 on fake tensors of model (what e trains)."""
     B, rows, lim, (gpu, *spec), aten = len(x), {}, 0, args.gpu.split(','), torch.ops.aten
     bf16, tf32, util, launch_us, hbm = map(float, spec)
-    kept = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    kept = [*model.parameters(), *model.buffers()]
     resident, trainable = {t.untyped_storage()._cdata for t in kept}, [p for p in kept if p.requires_grad]
     state = sum(t.nbytes for t in kept + 3 * trainable)  # weights and buffers; gradients, AdamW's moments
     flash = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__:
@@ -259,9 +256,8 @@ def counts(args, v, x, modules):
                 rows[f'{name} {args.precision}'] = dict(gflop=flop / B / 1e9, x_limit=flop / lim, ops=ops.ops,
                     launches=ops.launches, syncs=len(ops.syncs), saved_mib=mem / B / 2**20, peak_gib=(state
                     + mem + x.nbytes) / 2**30, ms=flop / (peak * 1e9 * util) + ops.launches * launch_us / 1e3)
-    print(f'training step, batch {B}, fake tensors, torch {torch.__version__}; gflop, saved_mib: per image; '
-          f'ms, peak_gib: on {gpu}, {bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, '
-          f'{hbm:g} GiB')
+    print(f'training step, batch {B}, fake tensors, torch {torch.__version__}; per image: gflop, saved_mib; '
+          f'on {gpu} ({bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, {hbm:g} GiB): ms')
     for k, r in [('step', {c: c for c in rows['limit fp32']})] + list(rows.items()):
         print(f'{k:<14}' + ''.join(f'{c if k == "step" else round(c, 2):>10}' for c in r.values()))
     return rows
