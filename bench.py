@@ -257,7 +257,7 @@ def counts(args, v, x, model):
                     launches=ops.launches, syncs=len(ops.syncs), saved_mib=mem / B / 2**20, peak_gib=(state
                     + mem + x.nbytes) / 2**30, ms=flop / (peak * 1e9 * util) + ops.launches * launch_us / 1e3)
     print(f'train step, batch {B}, fake tensors, torch {torch.__version__}; per image: gflop, saved_mib; on '
-          f'{gpu} ({bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, {hbm:g} GiB): ms, peak')
+          f'{gpu} ({bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, {hbm:g} GiB): ms')
     for k, r in [('step', {c: c for c in rows['limit fp32']})] + list(rows.items()):
         print(f'{k:<14}' + ''.join(f'{c if k == "step" else round(c, 2):>10}' for c in r.values()))
     return rows
