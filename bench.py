@@ -16,10 +16,9 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   f      training limit: frozen forward + backward through all blocks, activation gradients only
 --pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device) on
 JPEGs of ImageNet-R's sizes made on the spot, per worker count, and checks that all yield the same batches.
---counts counts e (fused AdamW), the two-pass step a + e and f in fp32 and bf16 on fake tensors (shapes only,
-no GPU): FLOPs, aten ops, launches (those but views), host syncs, bytes saved for backward; and projects on
---gpu ms = FLOPs / (peak x share reached) + launches x launch cost and peak memory = weights + gradients +
-AdamW moments + batch + saved tensors. (train.py logs its own step times.)
+--counts counts e (fused AdamW), the two-pass step a + e and f in fp32 and bf16 on fake tensors (no GPU):
+FLOPs, aten ops, launches (those but views), host syncs, bytes saved for backward; projected on --gpu: ms =
+FLOPs / (peak x share reached) + launches x launch cost; memory = weights, gradients, AdamW, batch, saved.
 """
 import argparse
 import copy
@@ -34,8 +33,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils import flop_counter as fc
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import _python_dispatch, flop_counter as fc
 
 import train
 from smope import SMoPE, attach
@@ -94,8 +92,7 @@ def measure(args):
     dense, ref, train_prompt = copy.deepcopy(prompt), copy.deepcopy(prompt), copy.deepcopy(prompt).train()
     dense.dense, ref.fused = True, False
     model, fake = train.Learner(vit, train_prompt, 100).to(dev), torch._subclasses.FakeTensorMode()
-    if args.counts:  # a fake copy of what a, e and f use: ViT-B/16 at batch 128 costs nothing
-        model = torch._dynamo.utils.deepcopy_to_fake_tensor(model, fake)
+    model = torch._dynamo.utils.deepcopy_to_fake_tensor(model, fake) if args.counts else model  # shapes only
     vit, train_prompt, head = model.vit, model.prompt, model.head
     opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3), dict(params=head.parameters(),
                             lr=1e-3)], weight_decay=0.0, fused=cuda or args.counts)  # as train.py on CUDA
@@ -148,7 +145,6 @@ def measure(args):
                 peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())  # includes weights and optimiser
             if r >= args.warmup:
                 times[k].append(time.perf_counter() - t0)
-
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in ['ba', ('b_ref', 'a'), 'ca', 'da', 'ef']}
     params = {k: sum(p.numel() for p in m.parameters())
@@ -163,7 +159,6 @@ def measure(args):
                images_per_s={k: B / v * 1e3 for k, v in ms.items()}, ratios=ratios, params=params,
                fused_vs_ref_max_abs_diff=diff,
                peak_mem_mb={k: v / 2**20 for k, v in peaks.items()} if cuda else {'process_rss': rss_mb})
-
     print(f"device {name} | torch {torch.__version__} | threads {res['threads']} | batch {B} | "
           f"{args.precision}{' | compiled' if args.compile else ''} | medians of {args.repeats} after "
           f"{args.warmup} warm-up rounds")
@@ -178,8 +173,7 @@ def measure(args):
     # a projection, not a measurement (no data loading, no alignment): Split CIFAR-100 trains 1.05e6 images
     # (10 x 5,000 x 20 + task 1's warm-up), forwards 1.55e5 (usage, statistics: 2 x 50,000; eval: 1,000 x 55)
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
-    print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} "
-          "min")
+    print(f"projected Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
     return res
 
 
@@ -222,7 +216,7 @@ def pipeline(args):
     return res
 
 
-class Ops(TorchDispatchMode):
+class Ops(_python_dispatch.TorchDispatchMode):
     """Counts aten ops, launches (those but views) and as syncs (name, first argument) ops a GPU waits on."""
     ops, launches, syncs = 0, 0, ()
 
@@ -237,9 +231,8 @@ def counts(args, v, x, model):
     """--counts (see the top): f, e and a + e in fp32 and bf16 on fake tensors of model (what e trains)."""
     B, rows, lim, (gpu, *spec), aten = len(x), {}, 0, args.gpu.split(','), torch.ops.aten
     bf16, tf32, util, launch_us, hbm = map(float, spec)
-    kept = [*model.parameters(), *model.buffers()]
-    resident, trainable = {t.untyped_storage()._cdata for t in kept}, [p for p in kept if p.requires_grad]
-    state = sum(t.nbytes for t in kept + 3 * trainable)  # weights and buffers; gradients, AdamW's moments
+    kept = [*model.parameters(), *model.buffers()]  # resident; x 4 what trains: gradients, 2 AdamW moments
+    own, state = {t.untyped_storage()._cdata for t in kept}, sum(t.nbytes * 4**t.requires_grad for t in kept)
     flash = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__:
              fc.sdpa_flop_count(q, k, v), aten._scaled_dot_product_flash_attention_for_cpu_backward:
              lambda g, q, k, v, *_, **__: fc.sdpa_backward_flop_count(g, q, k, v)}  # CUDA flash's formulas
@@ -251,7 +244,7 @@ def counts(args, v, x, model):
                 pack = lambda t: saved.update({(s := t.untyped_storage())._cdata: s.nbytes()}) or t
                 with flops, ops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     fn()
-                mem, flop = sum(n for k, n in saved.items() if k not in resident), flops.get_total_flops()
+                mem, flop = sum(n for k, n in saved.items() if k not in own), flops.get_total_flops()
                 lim, peak = lim or flop, bf16 if args.precision == 'bf16' else tf32  # limit fp32 comes first
                 rows[f'{name} {args.precision}'] = dict(gflop=flop / B / 1e9, x_limit=flop / lim, ops=ops.ops,
                     launches=ops.launches, syncs=len(ops.syncs), saved_mib=mem / B / 2**20, peak_gib=(state
