@@ -5,7 +5,7 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
     python bench.py --pipeline               # images/s of the ImageNet-R input pipeline, per worker count
-    python bench.py --schedule               # train.py's whole Split CIFAR-100 run on CIFAR-shaped data
+    python bench.py --counts                 # FLOPs, ops, host syncs, saved bytes; a projected GPU step
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
@@ -14,11 +14,11 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   d      two-pass baseline: query forward + prompted forward (L2P / DualPrompt / HiDe)
   e      SMoPE training step: forward, CE + router + prototype loss, backward, AdamW
   f      training limit: frozen forward + backward through all blocks, activation gradients only
---pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device)
-on JPEGs of ImageNet-R's sizes generated on the spot, for each worker count, and checks that every worker
-count yields the same batches. --schedule runs train.main, the real code path, on random pixels written in
-CIFAR-100's on-disk format (timing depends on neither pixels nor weights) and reports its seconds per
-protocol step and peak memory.
+--pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device) on
+JPEGs of ImageNet-R's sizes made on the spot, per worker count, and checks that all yield the same batches.
+--counts counts e (fused AdamW), the two-pass step a + e and f in fp32 and bf16 on fake tensors (no GPU):
+FLOPs, aten ops, launches (those but views), host syncs, bytes saved for backward; projected on --gpu: ms =
+FLOPs / (peak x share reached) + launches x launch cost; memory = weights, gradients, AdamW, batch, saved.
 """
 import argparse
 import copy
@@ -26,19 +26,20 @@ import json
 import os
 import pathlib
 import platform
-import pickle
 import resource
-import shlex
 import statistics
 import tempfile
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _python_dispatch, flop_counter as fc
 
+import train
 from smope import SMoPE, attach
 from vit import ViT
+
+SYNCS = {'_local_scalar_dense', 'item', 'is_nonzero', 'equal', 'nonzero', 'masked_select'}  # and unique*
 
 
 def parse_args(argv=None):
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     a('--precision', default='fp32', choices=['fp32', 'bf16'])
-    a('--batch-size', type=int, default=None, help='64 on cuda and for --pipeline, 8 on cpu')
+    a('--batch-size', type=int, default=None, help='128 with --counts; 64 on cuda, with --pipeline; else 8')
     a('--compile', action='store_true', help='torch.compile the ViT')
     a('--repeats', type=int, default=10, help='timed rounds; medians are reported')
     a('--warmup', type=int, default=None, help='untimed rounds first (2 on cuda, 1 on cpu)')
@@ -56,24 +57,29 @@ def parse_args(argv=None):
     a('--pipeline', action='store_true', help='time the ImageNet-R input pipeline instead of the model')
     a('--images', type=int, default=512, help='--pipeline: generated JPEGs, 300-500 px sides')
     a('--workers', type=int, nargs='+', default=None, help='--pipeline: worker counts (0, 1, cores - 1)')
-    a('--schedule', action='store_true', help="time train.py's Split CIFAR-100 run on random CIFAR data")
-    a('--per-class', type=int, default=500, help='--schedule: training images per class (test: a fifth)')
-    a('--train-args', default='', help="--schedule: more train.py flags, e.g. '--precision fp32 --compile'")
+    a('--counts', action='store_true', help='count FLOPs, ops, syncs, saved bytes; project a GPU step')
+    a('--gpu', default='H100 SXM,989,495,0.5,4,80', help='--counts: name, dense peak TFLOP/s in bf16 and '
+      'TF32, fraction of the peak reached, GPU time per launch (us; gap and tail), memory (GiB)')
     args = p.parse_args(argv)
+    args.router_weight = args.proto_weight = 1e-5  # e's loss weights (train.step_loss reads them)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1
-    args.batch_size = args.batch_size or (64 if args.device == 'cuda' or args.pipeline else 8)
+    cuda = args.device == 'cuda' or args.pipeline
+    args.batch_size = args.batch_size or (128 if args.counts else 64 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.pipeline:
-        return pipeline(args)
-    if args.schedule:
-        return schedule(args)
-    dev, cuda = torch.device(args.device), args.device == 'cuda'
+    res = pipeline(args) if args.pipeline else measure(args)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def measure(args):
+    dev, cuda, B = torch.device(args.device), args.device == 'cuda', args.batch_size
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
     vit = ViT().to(dev).eval().requires_grad_(False)  # ViT-B/16
@@ -85,20 +91,17 @@ def main(argv=None):
     prompt.begin_task()
     dense, ref, train_prompt = copy.deepcopy(prompt), copy.deepcopy(prompt), copy.deepcopy(prompt).train()
     dense.dense, ref.fused = True, False
-    # train.Learner's head and optimiser inlined: train.py imports data.py, which a benchmark need not
-    head = nn.Linear(vit.width, 100).to(dev)
-    opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3),
-                             dict(params=head.parameters(), lr=1e-3)], weight_decay=0.0)
+    model, fake = train.Learner(vit, train_prompt, 100).to(dev), torch._subclasses.FakeTensorMode()
+    model = torch._dynamo.utils.deepcopy_to_fake_tensor(model, fake) if args.counts else model  # shapes only
+    vit, train_prompt, head = model.vit, model.prompt, model.head
+    opt = torch.optim.AdamW([dict(params=train_prompt.parameters(), lr=5e-3), dict(params=head.parameters(),
+                            lr=1e-3)], weight_decay=0.0, fused=cuda or args.counts)  # as train.py on CUDA
     if args.compile:
         torch._dynamo.config.recompile_limit = 32  # one graph per (prompt module, grad mode) pair
         vit.compile()
-    B = args.batch_size
-    x = torch.rand(B, 3, vit.image_size, vit.image_size, device=dev)
-    y = torch.randint(0, 100, (B,), device=dev)
+    with fake if args.counts else torch.device(dev):
+        x, y = torch.rand(B, 3, vit.image_size, vit.image_size), torch.randint(0, 100, (B,))
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
-
-    with torch.no_grad():  # exactness, once, in fp32: the fused kernel must reproduce Eq. 3 written out
-        diff = (attach(vit, prompt)(x) - attach(vit, ref)(x)).abs().max().item()
 
     @torch.no_grad()
     def infer(p):
@@ -106,14 +109,10 @@ def main(argv=None):
         with autocast():
             return vit(x)
 
-    def train_step():
+    def train_step():  # train.py's: CE over all 100 classes, router and prototype losses weighted 1e-5
         attach(vit, train_prompt)
         opt.zero_grad(set_to_none=True)
-        with autocast():
-            logits = head(vit(x)).float()
-            loss = (F.cross_entropy(logits, y) + 1e-5 * train_prompt.router_loss()
-                    + 1e-5 * train_prompt.prototype_loss())
-        loss.backward()
+        train.step_loss(model, train_prompt, x, y, 0, 100, args)[0].backward()
         opt.step()
 
     def train_limit():
@@ -129,6 +128,10 @@ def main(argv=None):
     variants = {'a': lambda: infer(None), 'b': lambda: infer(prompt), 'b_ref': lambda: infer(ref),
                 'c': lambda: infer(dense), 'd': lambda: (infer(None), infer(prompt)), 'e': train_step,
                 'f': train_limit}
+    if args.counts:
+        return counts(args, variants, x, model)
+    with torch.no_grad():  # exactness, once, in fp32: the fused kernel must reproduce Eq. 3 written out
+        diff = (attach(vit, prompt)(x) - attach(vit, ref)(x)).abs().max().item()
     times, peaks = {k: [] for k in variants}, {k: 0 for k in variants}
     for r in range(args.warmup + args.repeats):
         for k, fn in variants.items():  # round-robin: a slow spell of the machine is shared by all variants
@@ -142,10 +145,8 @@ def main(argv=None):
                 peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())  # includes weights and optimiser
             if r >= args.warmup:
                 times[k].append(time.perf_counter() - t0)
-
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in [('b', 'a'), ('b_ref', 'a'), ('c', 'a'), ('d', 'a'),
-                                                      ('e', 'f')]}
+    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in ['ba', ('b_ref', 'a'), 'ca', 'da', 'ef']}
     params = {k: sum(p.numel() for p in m.parameters())
               for k, m in [('backbone', vit), ('prompt', prompt), ('head', head)]}
     info = pathlib.Path('/proc/cpuinfo').read_text().splitlines() if platform.system() == 'Linux' else []
@@ -158,7 +159,6 @@ def main(argv=None):
                images_per_s={k: B / v * 1e3 for k, v in ms.items()}, ratios=ratios, params=params,
                fused_vs_ref_max_abs_diff=diff,
                peak_mem_mb={k: v / 2**20 for k, v in peaks.items()} if cuda else {'process_rss': rss_mb})
-
     print(f"device {name} | torch {torch.__version__} | threads {res['threads']} | batch {B} | "
           f"{args.precision}{' | compiled' if args.compile else ''} | medians of {args.repeats} after "
           f"{args.warmup} warm-up rounds")
@@ -170,14 +170,10 @@ def main(argv=None):
     print('params  ' + '  '.join(f'{k} {v:,}' for k, v in params.items())
           + ('' if cuda else f'\npeak RSS {rss_mb:.0f} MiB (whole process, all variants together)'))
     print(f'fused vs reference (b vs b_ref, fp32): max abs diff {diff:.2e}')
-    # a projection, not a measurement: Split CIFAR-100's image count at these rates, ignoring data loading
-    # and classifier alignment. Training: 10 tasks x 5,000 images x 20 epochs, plus task 1's 10 warm-up
-    # epochs; forward only: usage and statistics passes (2 x 50,000) and evaluation (1,000 x (1 + ... + 10)).
+    # a projection, not a measurement (no data loading, no alignment): Split CIFAR-100 trains 1.05e6 images
+    # (10 x 5,000 x 20 + task 1's warm-up), forwards 1.55e5 (usage, statistics: 2 x 50,000; eval: 1,000 x 55)
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
-    print(f"projected full Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} "
-          "min")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+    print(f"projected Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
     return res
 
 
@@ -187,8 +183,7 @@ def pipeline(args):
     from torchvision.io import write_jpeg
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     workers = args.workers or sorted({0, 1, max(1, cores - 1)})
-    B = args.batch_size
-    g = torch.Generator().manual_seed(0)
+    B, g = args.batch_size, torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for k in range(args.images):  # smooth colour fields plus grain: JPEG sizes like real renditions'
@@ -218,47 +213,47 @@ def pipeline(args):
     for n, v in rates.items():
         print(f'  workers {n:>2}: {v:7.1f} images/s')
     print(f'same batches for every worker count: {same}')
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res
 
 
-def schedule(args):
-    """train.main on CIFAR-100's real pickle format filled with random pixels: the whole schedule, timed."""
-    import torchvision
-    import train  # only this mode needs the training code
-    g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = pathlib.Path(tmp, 'cifar-100-python')
-        folder.mkdir()
-        for part, n in (('train', args.per_class), ('test', max(1, args.per_class // 5))):
-            labels = torch.arange(100).repeat(n)
-            pixels = torch.randint(0, 256, (len(labels), 3072), generator=g, dtype=torch.uint8)
-            with open(folder / part, 'wb') as f:
-                pickle.dump({'data': pixels.numpy(), 'fine_labels': labels.tolist()}, f)
-        with open(folder / 'meta', 'wb') as f:
-            pickle.dump({'fine_label_names': [f'c{i}' for i in range(100)]}, f)
-        argv = ['--dataset', 'cifar100', '--data-dir', tmp, '--out', os.path.join(tmp, 'run'),
-                '--weights', 'none', '--device', args.device, '--no-download'] + shlex.split(args.train_args)
-        # random pixels cannot match torchvision's md5 of the real files: check that they exist, not their md5
-        cifar, check = torchvision.datasets.cifar, torchvision.datasets.cifar.check_integrity
-        cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
-        try:
-            t0 = time.perf_counter()
-            if train.main(argv) != 0:
-                raise SystemExit('train.py failed')
-            wall = time.perf_counter() - t0
-        finally:
-            cifar.check_integrity = check
-        m = json.loads(pathlib.Path(tmp, 'run', 'seed0', 'metrics.json').read_text())
-    res = dict(wall_seconds=wall, step_seconds=m['step_seconds'], peak_memory_mb=max(m['peak_memory_mb']),
-               images_per_second=m['images_per_second'], config=m['config'], torch=torch.__version__,
-               device=torch.cuda.get_device_name() if args.device == 'cuda' else platform.machine())
-    print(f"whole schedule: {wall:.1f} s wall ({len(m['acc'])} tasks); "
-          f"peak memory {res['peak_memory_mb'] / 1024:.2f} GiB")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
-    return res
+class Ops(_python_dispatch.TorchDispatchMode):
+    """Counts aten ops, launches (those but views) and as syncs (name, first argument) ops a GPU waits on."""
+    ops, launches, syncs = 0, 0, ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, aten = func._overloadpacket.__name__, func.namespace == 'aten'
+        self.ops, self.launches = self.ops + aten, self.launches + (aten and not func.is_view)
+        self.syncs += ((name, args[0]),) if aten and (name in SYNCS or 'unique' in name) else ()
+        return func(*args, **(kwargs or {}))
+
+
+def counts(args, v, x, model):
+    """--counts (see the top): f, e and a + e in fp32 and bf16 on fake tensors of model (what e trains)."""
+    B, rows, lim, (gpu, *spec), aten = len(x), {}, 0, args.gpu.split(','), torch.ops.aten
+    bf16, tf32, util, launch_us, hbm = map(float, spec)
+    kept = [*model.parameters(), *model.buffers()]  # resident; x 4 what trains: gradients, 2 AdamW moments
+    own, state = {t.untyped_storage()._cdata for t in kept}, sum(t.nbytes * 4**t.requires_grad for t in kept)
+    flash = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__:
+             fc.sdpa_flop_count(q, k, v), aten._scaled_dot_product_flash_attention_for_cpu_backward:
+             lambda g, q, k, v, *_, **__: fc.sdpa_backward_flop_count(g, q, k, v)}  # CUDA flash's formulas
+    with x.fake_mode:  # factories too make fake tensors
+        v['e']()  # AdamW creates its state on the first step
+        for name, fn in [('limit', v['f']), ('ours', v['e']), ('two-pass', lambda: (v['a'](), v['e']()))]:
+            for args.precision in ('fp32', 'bf16'):  # the variants' autocast reads it
+                ops, flops, saved = Ops(), fc.FlopCounterMode(display=False, custom_mapping=flash), {}
+                pack = lambda t: saved.update({(s := t.untyped_storage())._cdata: s.nbytes()}) or t
+                with flops, ops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    fn()
+                mem, flop = sum(n for k, n in saved.items() if k not in own), flops.get_total_flops()
+                lim, peak = lim or flop, bf16 if args.precision == 'bf16' else tf32  # limit fp32 comes first
+                rows[f'{name} {args.precision}'] = dict(gflop=flop / B / 1e9, x_limit=flop / lim, ops=ops.ops,
+                    launches=ops.launches, syncs=len(ops.syncs), saved_mib=mem / B / 2**20, peak_gib=(state
+                    + mem + x.nbytes) / 2**30, ms=flop / (peak * 1e9 * util) + ops.launches * launch_us / 1e3)
+    print(f'train step, batch {B}, fake tensors, torch {torch.__version__}; per image: gflop, saved_mib; on '
+          f'{gpu} ({bf16:g}/{tf32:g} TFLOP/s bf16/TF32 x {util:g}, {launch_us:g} us/launch, {hbm:g} GiB): ms')
+    for k, r in [('step', {c: c for c in rows['limit fp32']})] + list(rows.items()):
+        print(f'{k:<14}' + ''.join(f'{c if k == "step" else round(c, 2):>10}' for c in r.values()))
+    return rows
 
 
 if __name__ == '__main__':

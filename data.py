@@ -344,6 +344,10 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
         mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
                      for v in (mean, std))
     finish = lambda x: x if mean is None else x.sub_(mean).div_(std)  # x is always a fresh tensor
+    # host -> GPU copies from pinned memory, queued without waiting (the caching host allocator keeps the
+    # pinned block until its copy is done); on the CPU, t itself
+    cuda = torch.device(device).type == 'cuda'
+    put = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
     mine = lambda t: t.tensor_split(world)[rank]  # this rank's slice of a global batch
     if train or shuffle:
         idx = idx[torch.randperm(len(idx), generator=generator)]
@@ -353,12 +357,12 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
         H, W = ds.images.shape[2:]
         for s in starts:
             b = idx[s:s + batch_size]
-            i = mine(b).to(device)
+            i = put(mine(b))
             x = ds.on(device)[i]  # (b,3,H,W) uint8
             if train:  # draw for the whole global batch, so every rank draws the same
                 boxes = crop_boxes(len(b), H, W, generator)
                 flips = torch.rand(len(b), generator=generator) < 0.5
-                x = augment(x, mine(boxes).to(device), mine(flips).to(device), S)
+                x = augment(x, put(mine(boxes)), put(mine(flips)), S)
             else:
                 x = _eval(x, S, resize).float().div_(255)
             yield finish(x), i
@@ -387,5 +391,5 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
                 raise ValueError(str(e).splitlines()[-1].removeprefix('ValueError: ')) from None
             if store is not None:
                 store.update((k, xk.clone()) for (k, _), xk in zip(b, x))
-        x = x.to(device, non_blocking=True).float().div_(255)
-        yield finish(x), torch.tensor([k for k, _ in b], dtype=torch.long, device=device)
+        x = put(x).float().div_(255)
+        yield finish(x), put(torch.tensor([k for k, _ in b], dtype=torch.long))

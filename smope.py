@@ -96,8 +96,9 @@ class SMoPE(nn.Module):
                 s_noisy = s.detach() - eps.to(s.dtype) * rng            # (B, H, E)  Eq. 2
                 top = s_noisy.topk(K, dim=-1).indices                   # (B, H, K)
                 selected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
-                if self.training:  # layers run in order 0..L-1, so layer 0 starts a fresh list
-                    self._route = self._route[:i] + [(s, selected, rng)]
+                if self.training:  # layers run in order 0..L-1, so layer 0 starts a fresh list (and
+                    # torch.compile need not guard on the last step's list)
+                    self._route = (self._route[:i] if i else []) + [(s, selected, rng)]
                 if self.counting:  # Section 5: top-K of the RAW scores, summed over the batch
                     raw = s.detach().topk(K, dim=-1).indices            # (B, H, K)
                     self.hits[i] += torch.zeros_like(s, dtype=torch.long).scatter_(-1, raw, 1).sum(0)
@@ -140,9 +141,8 @@ class SMoPE(nn.Module):
     def prototype_loss(self):
         """Eq. 6: the snapshotted keys of frequently used experts act as prototype queries; their top-K
         routing over the snapshotted keys is the target for their routing over the current keys.
-        Averaged over prototype rows, summed over the K targets, layers and heads. Zero on task 1."""
-        if self.task < 2 or not self.frequent.any():
-            return self.keys.new_zeros(())
+        Averaged over prototype rows, summed over the K targets, layers and heads. Zero, with zero gradient,
+        while U is empty (task 1): no branch on tensor values, so a step never waits for the GPU."""
         old = self.keys_old                                             # (L, H, E, d)  rows = prototypes D
         targets = (old @ old.transpose(-2, -1)).topk(self.top_k, -1).indices  # (L, H, E, K)
         logp = (old @ self.keys.transpose(-2, -1)).log_softmax(-1)      # (L, H, E rows, E experts)

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--precision', default=None, choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on '
       'CUDA, fp32 on CPU; fp32 on CUDA allows TF32 matmuls (not with --paper). Routing always runs in fp32')
-    a('--compile', action='store_true', help='torch.compile the backbone')
+    a('--compile', action='store_true', help='torch.compile the training loss (one graph) and the backbone')
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, default=None, help='stop after this many tasks (resume later with --resume)')
     a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
@@ -424,13 +424,15 @@ def train_phase(r, task, name, dense, epochs):
         if r.world > 1:
             r.ddp = nn.parallel.DistributedDataParallel(r.model, broadcast_buffers=False)
     trainable = [p for p in prompt.parameters() if p.requires_grad]
+    # fused on CUDA: one kernel, its step count on the GPU (for-loop AdamW reads it on the host); CPU unchanged
     opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0,
-                            weight_decay=0.0)  # lr: set from the schedule at every step
+                            weight_decay=0.0, fused=r.device.type == 'cuda')  # lr: from the schedule
     schedule = iter(lr_schedule(args, len(task.idx), epochs))
+    loss_fn = torch.compile(step_loss) if args.compile else step_loss
     images, seconds = 0, 0.0
     for epoch in range(epochs):
         r.model.train()
-        e0, tot = time.time(), torch.zeros(3, device=r.device, dtype=torch.float64)  # CE sum, hits, images
+        e0, tot = time.time(), torch.zeros(2, device=r.device, dtype=torch.float64)  # CE sum, hits
         never = torch.iinfo(torch.long).max
         bad = torch.full((), never, device=r.device)  # first step with a non-finite loss, checked per epoch
         for j, (x, i) in enumerate(data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen,
@@ -438,18 +440,14 @@ def train_phase(r, task, name, dense, epochs):
             for group, lr in zip(opt.param_groups, next(schedule)):
                 group['lr'] = lr
             y = r.y_train[i]
-            with r.autocast():
-                logits, router = r.ddp(x)
-            logits = logits.float()[:, :task.hi].clone()
-            logits[:, :task.lo] = float('-inf')  # only the current task's classes compete (SPEC section 4)
-            ce = F.cross_entropy(logits, y)
-            loss = ce + args.router_weight * router + args.proto_weight * prompt.prototype_loss()
+            loss, stats = loss_fn(r.ddp, prompt, x, y, task.lo, task.hi, args)
             opt.zero_grad(set_to_none=True)  # also drops gradients left by classifier alignment
             # DDP averages gradients over ranks; weighting by the local share makes it the global-batch mean
             (loss * len(y) * r.world / args.batch_size).backward()
             opt.step()
             bad = torch.where((bad == never) & ~torch.isfinite(loss.detach()), j, bad)
-            tot += torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum(), y.new_tensor(len(y))])
+            tot += stats
+        n = (j + 1) * args.batch_size  # images this epoch: full global batches only
         all_sum(tot, r.world)
         if r.world > 1:  # every rank must stop alike, whichever rank saw it
             dist.all_reduce(bad, dist.ReduceOp.MIN)
@@ -458,12 +456,24 @@ def train_phase(r, task, name, dense, epochs):
             raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, '
                                      f'step {bad.item() + 1}: lower --lr; {kept}')
         dt = time.time() - e0
-        images, seconds = images + tot[2].item(), seconds + dt
-        r.log(f'task {task.t + 1}/{args.tasks} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / tot[2]:.4f} '
-              f'acc {100 * tot[1] / tot[2]:.2f} lr {opt.param_groups[1]["lr"]:.2e} {tot[2] / dt:.0f} img/s '
+        images, seconds = images + n, seconds + dt
+        r.log(f'task {task.t + 1}/{args.tasks} {name} epoch {epoch + 1}/{epochs}: loss {tot[0] / n:.4f} '
+              f'acc {100 * tot[1] / n:.2f} lr {opt.param_groups[1]["lr"]:.2e} {n / dt:.0f} img/s '
               f'ETA {(epochs - epoch - 1) * dt:.0f}s')
     prompt.dense = args.dense
     return images, seconds
+
+
+def step_loss(model, prompt, x, y, lo, hi, args):
+    """Eq. 7 for one batch: CE over the current task's classes, router loss (Eq. 5), prototype loss (Eq. 6);
+    and (CE sum, correct). Nothing in it waits for the GPU, and torch.compile traces it into one graph."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
+        logits, router = model(x)
+    logits = logits.float()[:, :hi].clone()
+    logits[:, :lo] = float('-inf')  # only the current task's classes compete (SPEC section 4)
+    ce = F.cross_entropy(logits, y)
+    loss = ce + args.router_weight * router + args.proto_weight * prompt.prototype_loss()
+    return loss, torch.stack([ce.detach() * len(y), (logits.argmax(1) == y).sum()])
 
 
 @torch.no_grad()
