@@ -4,7 +4,7 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py                         # cuda if available, batch 64
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
-    python bench.py --counts                 # FLOPs, ops, host syncs, saved bytes; a projected GPU step
+    python bench.py --counts                # FLOPs, ops, host syncs, saved bytes; a projected GPU step
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
