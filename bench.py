@@ -4,8 +4,7 @@ Speed of SMoPE against its limits on a frozen ViT-B/16 (random init: timing does
     python bench.py                         # cuda if available, batch 64
     python bench.py --device cpu --quick    # smoke run, well under a minute on 2 idle CPU cores
     python bench.py --precision bf16 --compile --json bench.json
-    python bench.py --pipeline               # images/s of the ImageNet-R input pipeline, per worker count
-    python bench.py --counts                 # FLOPs, ops, host syncs, saved bytes; a projected GPU step
+    python bench.py --counts                # FLOPs, ops, host syncs, saved bytes; a projected GPU step
 
 Variants, built once and timed round-robin in one process (drift and thermals hit all alike), medians:
   a      frozen ViT forward, no prompt                      (the inference limit)
@@ -14,8 +13,6 @@ Variants, built once and timed round-robin in one process (drift and thermals hi
   d      two-pass baseline: query forward + prompted forward (L2P / DualPrompt / HiDe)
   e      SMoPE training step: forward, CE + router + prototype loss, backward, AdamW
   f      training limit: frozen forward + backward through all blocks, activation gradients only
---pipeline instead times data.batches (decode, random-resized crop, flip, resize, normalise, to the device) on
-JPEGs of ImageNet-R's sizes made on the spot, per worker count, and checks that all yield the same batches.
 --counts counts e (fused AdamW), the two-pass step a + e and f in fp32 and bf16 on fake tensors (no GPU):
 FLOPs, aten ops, launches (those but views), host syncs, bytes saved for backward; projected on --gpu: ms =
 FLOPs / (peak x share reached) + launches x launch cost; memory = weights, gradients, AdamW, batch, saved.
@@ -23,16 +20,13 @@ FLOPs / (peak x share reached) + launches x launch cost; memory = weights, gradi
 import argparse
 import copy
 import json
-import os
 import pathlib
 import platform
 import resource
 import statistics
-import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils import _python_dispatch, flop_counter as fc
 
 import train
@@ -47,16 +41,13 @@ def parse_args(argv=None):
     a = p.add_argument
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     a('--precision', default='fp32', choices=['fp32', 'bf16'])
-    a('--batch-size', type=int, default=None, help='128 with --counts; 64 on cuda, with --pipeline; else 8')
+    a('--batch-size', type=int, default=None, help='128 with --counts; 64 on cuda; else 8')
     a('--compile', action='store_true', help='torch.compile the ViT')
     a('--repeats', type=int, default=10, help='timed rounds; medians are reported')
     a('--warmup', type=int, default=None, help='untimed rounds first (2 on cuda, 1 on cpu)')
     a('--threads', type=int, default=None, help='torch.set_num_threads; 1 is the steadiest on a shared host')
     a('--quick', action='store_true', help='batch 2, 1 timed round after 1 warm-up round')
     a('--json', default=None, help='write the results here')
-    a('--pipeline', action='store_true', help='time the ImageNet-R input pipeline instead of the model')
-    a('--images', type=int, default=512, help='--pipeline: generated JPEGs, 300-500 px sides')
-    a('--workers', type=int, nargs='+', default=None, help='--pipeline: worker counts (0, 1, cores - 1)')
     a('--counts', action='store_true', help='count FLOPs, ops, syncs, saved bytes; project a GPU step')
     a('--gpu', default='H100 SXM,989,495,0.5,4,80', help='--counts: name, dense peak TFLOP/s in bf16 and '
       'TF32, fraction of the peak reached, GPU time per launch (us; gap and tail), memory (GiB)')
@@ -64,15 +55,14 @@ def parse_args(argv=None):
     args.router_weight = args.proto_weight = 1e-5  # e's loss weights (train.step_loss reads them)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1
-    cuda = args.device == 'cuda' or args.pipeline
-    args.batch_size = args.batch_size or (128 if args.counts else 64 if cuda else 8)
+    args.batch_size = args.batch_size or (128 if args.counts else 64 if args.device == 'cuda' else 8)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    res = pipeline(args) if args.pipeline else measure(args)
+    res = measure(args)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return res
@@ -104,10 +94,9 @@ def measure(args):
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16')
 
     @torch.no_grad()
-    def infer(p):
-        attach(vit, p)  # p None: the bare ViT
+    def infer(p):  # p None: the bare ViT
         with autocast():
-            return vit(x)
+            return attach(vit, p)(x)
 
     def train_step():  # train.py's: CE over all 100 classes, router and prototype losses weighted 1e-5
         attach(vit, train_prompt)
@@ -119,9 +108,8 @@ def measure(args):
         # Only the input requires grad: autograd runs the activation backward through all blocks, no weight
         # gradients, as SMoPE's backward must down to block 0 where its first prompt lives. It overshoots a
         # little (block 0's qkv and the patch conv get input gradients too), so e/f errs on the low side.
-        attach(vit, None)
         with autocast():
-            loss = vit(x.detach().requires_grad_(True)).float().square().mean()
+            loss = attach(vit, None)(x.detach().requires_grad_(True)).float().square().mean()
         loss.backward()
 
     # d: the query pass only picks the prompt, so its cost counts here and its result does not
@@ -174,45 +162,6 @@ def measure(args):
     # (10 x 5,000 x 20 + task 1's warm-up), forwards 1.55e5 (usage, statistics: 2 x 50,000; eval: 1,000 x 55)
     res['projected_cifar100_s'] = 1.05e6 / res['images_per_s']['e'] + 1.55e5 / res['images_per_s']['b']
     print(f"projected Split CIFAR-100 schedule at these rates: {res['projected_cifar100_s'] / 60:.0f} min")
-    return res
-
-
-def pipeline(args):
-    """Images/s of data.batches alone on ImageNet-R-like JPEGs, training mode, batch 64 by default."""
-    import data  # only this mode needs the data pipeline
-    from torchvision.io import write_jpeg
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    workers = args.workers or sorted({0, 1, max(1, cores - 1)})
-    B, g = args.batch_size, torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for k in range(args.images):  # smooth colour fields plus grain: JPEG sizes like real renditions'
-            h, w = torch.randint(300, 501, (2,), generator=g).tolist()
-            img = F.interpolate(torch.rand(1, 3, 6, 6, generator=g) * 255, size=(h, w), mode='bicubic')[0]
-            img = (img + 12 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
-            files.append(os.path.join(tmp, f'{k}.jpg'))
-            write_jpeg(img, files[-1], quality=90)
-        kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
-        ds = data.Images(torch.zeros(len(files), dtype=torch.long), 1, files=files)
-        rates, sums = {}, {}
-        for n in workers:
-            t0, seen, sums[n] = time.perf_counter(), 0, []
-            for x, _ in data.batches(ds, torch.arange(len(files)), B, True, torch.Generator().manual_seed(1),
-                                     args.device, mean=(0.5,) * 3, std=(0.5,) * 3, resize='imagenet',
-                                     workers=n, drop_last=True):
-                seen += len(x)
-                sums[n].append(x.double().sum().item())
-            if args.device == 'cuda':
-                torch.cuda.synchronize()
-            rates[n] = seen / (time.perf_counter() - t0)
-    same = all(sums[n] == sums[workers[0]] for n in workers)
-    res = dict(cores=cores, batch_size=B, images=len(files), mean_jpeg_kb=kb, images_per_s=rates,
-               same_batches_for_every_worker_count=same, torch=torch.__version__)
-    print(f'input pipeline, {len(files)} JPEGs of 300-500 px ({kb:.0f} KB on average), batch {B}, '
-          f'{cores} cores, training transform, {args.device}:')
-    for n, v in rates.items():
-        print(f'  workers {n:>2}: {v:7.1f} images/s')
-    print(f'same batches for every worker count: {same}')
     return res
 
 

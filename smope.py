@@ -3,9 +3,8 @@ SMoPE: sparse mixture of prompt experts for continual learning ("One-Prompt Stri
 with the NoRGa non-linear residual gate as an option. Depends on torch only: copy this file.
 
 One shared prefix-tuning prompt is cut into E experts per (prompted layer, head). Expert j of a head is a
-key/value pair (P^K_j, P^V_j) living directly in that head's key/value space. Per image, a cheap proxy
-score (mean query . key) picks the top-K experts, which join the tokens in the head's softmax, so one
-forward pass suffices. Equation numbers refer to SPEC.md (the project's algorithm reference).
+key/value pair (P^K_j, P^V_j) in that head's key/value space. Per image, a cheap proxy score (mean query .
+key) picks the top-K experts, which join the tokens in the head's softmax: one forward pass. Eq. N: SPEC.md.
 
 Wiring: `attach(vit, prompt)` (bottom of this file) makes block i's attention call `prompt(i, q, k, v)`,
 q, k, v: (B, H, N, d), instead of `scaled_dot_product_attention(q, k, v)`. After a forward,
@@ -55,21 +54,18 @@ class SMoPE(nn.Module):
         self.register_buffer('frequent', torch.zeros(layers, heads, experts, dtype=torch.bool))  # U
         self.register_buffer('keys_old', torch.zeros(shape))  # key snapshot for Eq. 6
         self.register_buffer('task', torch.zeros((), dtype=torch.long))  # tasks begun
-        # the running usage pass's counts, apart so that ranks can sum them before they join `usage`
-        self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)
-        self._route = []  # per prompted layer of the last training forward: (s, selected, range)
+        self.register_buffer('hits', torch.zeros_like(self.usage), persistent=False)  # this pass's counts
+        self._route = []  # per prompted layer of the last training forward: (s, selected, spread)
 
     def __getstate__(self):  # copies and pickles skip the last forward's routing (it holds autograd graphs)
         return {**self.__dict__, '_route': []}
 
     def begin_task(self):
-        """Call before training each task. From task 2 on: U gains every expert whose count reaches the
-        mean count of the experts used so far (per layer and head; the released code's threshold, SPEC
-        section 9 -- the paper averages over all experts), and the keys are snapshotted for Eq. 6."""
+        """From task 2 on, U gains every expert whose count reaches the mean of its head's used experts (as
+        the released code; the paper's mean is over all: SPEC section 9); keys are snapshotted for Eq. 6."""
         if self.task > 0:
             F_ = self.usage.double()
-            used = (F_ > 0).sum(-1, keepdim=True)
-            mean = F_.sum(-1, keepdim=True) / used.clamp(min=1)
+            mean = F_.sum(-1, keepdim=True) / (F_ > 0).sum(-1, keepdim=True).clamp(min=1)
             self.frequent |= (F_ > 0) & (F_ >= mean)
             self.keys_old.copy_(self.keys.detach())
         self.task += 1
@@ -86,19 +82,18 @@ class SMoPE(nn.Module):
             if self.dense or K == E:  # dense mode (SPEC section 3): every expert, no noise, no router loss
                 selected = torch.ones_like(s, dtype=torch.bool)
             else:
-                rng = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)).detach()  # (B, H, 1)
+                spread = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)).detach()  # r: (B, H, 1)
                 if self.training:  # adaptive noise on the frequently used experts
                     eps = self.eps * self.frequent[i]
                 elif self.counting is True:  # usage pass: no exclusion, the counts say how this task routes
                     eps = s.new_zeros(E)
                 else:  # released code (its usage pass too): exclude experts never selected (SPEC section 9)
                     eps = 2.0 * (self.usage[i] == 0)
-                s_noisy = s.detach() - eps.to(s.dtype) * rng            # (B, H, E)  Eq. 2
+                s_noisy = s.detach() - eps.to(s.dtype) * spread         # (B, H, E)  Eq. 2
                 top = s_noisy.topk(K, dim=-1).indices                   # (B, H, K)
                 selected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
-                if self.training:  # layers run in order 0..L-1, so layer 0 starts a fresh list (and
-                    # torch.compile need not guard on the last step's list)
-                    self._route = (self._route[:i] if i else []) + [(s, selected, rng)]
+                if self.training:  # layers run 0..L-1; a new list at layer 0 spares torch.compile a guard
+                    self._route = (self._route[:i] if i else []) + [(s, selected, spread)]
                 if self.counting:  # Section 5: top-K of the RAW scores, summed over the batch
                     raw = s.detach().topk(K, dim=-1).indices            # (B, H, K)
                     self.hits[i] += torch.zeros_like(s, dtype=torch.long).scatter_(-1, raw, 1).sum(0)
@@ -128,21 +123,18 @@ class SMoPE(nn.Module):
         return logits.softmax(-1) @ vals
 
     def router_loss(self):
-        """Eq. 5 for the last training forward: for each prompted layer and head, the cross-entropy of the
-        scores with margin eps * range on the unselected experts, summed over the K selected targets,
-        averaged over the batch, summed over layers and heads. Zero in dense mode and in eval mode."""
+        """Eq. 5 for the last training forward: cross-entropy of the scores with margin eps * spread on the
+        unselected experts, summed over the K selected targets and over layers and heads, batch-averaged."""
         if self.dense or not self.training or not self._route:
             return self.keys.new_zeros(())
-        s, selected, rng = (torch.stack(t) for t in zip(*self._route))  # (L, B, H, E), ..., (L, B, H, 1)
-        margin = torch.where(selected, 0.0, self.eps * rng)
-        logp = (s + margin).log_softmax(-1)
+        s, selected, spread = (torch.stack(t) for t in zip(*self._route))  # (L, B, H, E), ..., (L, B, H, 1)
+        logp = (s + torch.where(selected, 0.0, self.eps * spread)).log_softmax(-1)  # margin on the unselected
         return -(logp * selected).sum(-1).mean(1).sum()
 
     def prototype_loss(self):
-        """Eq. 6: the snapshotted keys of frequently used experts act as prototype queries; their top-K
-        routing over the snapshotted keys is the target for their routing over the current keys.
-        Averaged over prototype rows, summed over the K targets, layers and heads. Zero, with zero gradient,
-        while U is empty (task 1): no branch on tensor values, so a step never waits for the GPU."""
+        """Eq. 6: the snapshotted keys of the experts in U are prototype queries; their top-K routing over
+        the snapshotted keys is the target of their routing over the current keys. Averaged over prototypes,
+        summed over targets, layers, heads. Zero while U is empty, by no branch on tensor values (no sync)."""
         old = self.keys_old                                             # (L, H, E, d)  rows = prototypes D
         targets = (old @ old.transpose(-2, -1)).topk(self.top_k, -1).indices  # (L, H, E, K)
         logp = (old @ self.keys.transpose(-2, -1)).log_softmax(-1)      # (L, H, E rows, E experts)
@@ -163,12 +155,11 @@ class SMoPE(nn.Module):
 # attach: the same wiring inside other people's ViTs
 
 def attach(model, prompt):
-    """Route the first `prompt.layers` attention layers of `model` through `prompt`, so that the model's own
-    forward runs SMoPE; returns the model. Understands timm-style ViTs (`blocks[i].attn` with `qkv`,
-    `num_heads`, `proj`, and where present `q_norm`, `k_norm`, `norm`, `attn_drop`, `proj_drop`; vit.ViT is
-    one) and torchvision's VisionTransformer (`encoder.layers[i].self_attention`). The prompt becomes
-    `model.smope` (.to(), .train(), .eval() reach it): freeze the backbone BEFORE attaching. Attaching again
-    replaces the prompt; attach(model, None) removes it."""
+    """Route the first `prompt.layers` attention layers of `model` through `prompt` (returns `model`), so its
+    own forward runs SMoPE. Understands timm-style ViTs (`blocks[i].attn` with `qkv`, `num_heads`, `proj`,
+    where present `q_norm`, `k_norm`, `norm`, `attn_drop`, `proj_drop`; vit.ViT is one) and torchvision's
+    VisionTransformer (`encoder.layers[i].self_attention`). The prompt becomes `model.smope` (.to(), .train(),
+    .eval() reach it): freeze the backbone BEFORE attaching. Attach again to replace it, None to remove it."""
     if hasattr(model, 'blocks'):
         attns, forward = [getattr(b, 'attn', None) for b in model.blocks], _timm_attention
     elif hasattr(getattr(model, 'encoder', None), 'layers'):

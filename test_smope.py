@@ -1549,12 +1549,6 @@ def test_bench_smoke(tmp_path, capsys):
     assert json.loads(path.read_text())['ms'] == res['ms']
 
 
-def test_bench_pipeline(capsys):
-    res = bench.main(['--pipeline', '--images', '24', '--batch-size', '8', '--workers', '0', '2'])
-    assert res['same_batches_for_every_worker_count'] and set(res['images_per_s']) == {0, 2}
-    assert all(v > 0 for v in res['images_per_s'].values()) and 'workers  2' in capsys.readouterr().out
-
-
 # --- issue 15: the pictures, and every citation resolves inside the repository
 
 def test_usage_picture_and_missing_matplotlib(base_run, tmp_path, monkeypatch, capsys):
