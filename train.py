@@ -120,7 +120,7 @@ def parse_args(argv=None):
     if args.paper:
         defaults.update(weights=RELEASED_BACKBONE[args.dataset], normalize='none', precision='fp32')
         args.released_quirks = True
-    for k, v in {**defaults, **row}.items():  # hold comes last, after epochs
+    for k, v in {**defaults, **row}.items():  # hold comes after epochs, which it needs
         if getattr(args, k) is None and (own or k not in ('iter_step', 'hold')):
             # the released hold belongs to 20 epochs: scaled (SPEC section 9)
             setattr(args, k, round(v * args.epochs / 20) if k == 'hold' else v)
@@ -287,10 +287,10 @@ def setup(args, seed, rank, world, device):
     stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
     y_train, y_test = (data.remap(s.labels, order).to(device) for s in (train_set, test_set))
     r = SeedRun(args=args, model=model, ddp=ddp, train_set=train_set, test_set=test_set, y_train=y_train,
-                y_test=y_test, per_task=len(data.split_tasks(order, args.tasks)[0]), feed=feed,
-                out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world, device=device, stats=stats,
-                metrics=metrics,
-                gen=torch.Generator().manual_seed(seed), ca_gen=torch.Generator().manual_seed(seed + 10_000))
+                y_test=y_test, per_task=len(data.split_tasks(order, args.tasks)[0]), feed=feed, stats=stats,
+                metrics=metrics, out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world,
+                device=device, gen=torch.Generator().manual_seed(seed),
+                ca_gen=torch.Generator().manual_seed(seed + 10_000))
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
     return r
@@ -598,10 +598,8 @@ def digest(state):
 def summarise(acc):
     """SPEC section 8 from the lower-triangular accuracy matrix acc[t][i] (percent)."""
     T = len(acc)
-    faa = sum(acc[-1]) / T
-    caa = sum(sum(row) / len(row) for row in acc) / T
     ffm = sum(max(acc[t][i] for t in range(i, T - 1)) - acc[-1][i] for i in range(T - 1)) / max(1, T - 1)
-    return dict(faa=faa, caa=caa, forgetting=ffm)
+    return dict(faa=sum(acc[-1]) / T, caa=sum(sum(row) / len(row) for row in acc) / T, forgetting=ffm)
 
 
 # -----------------------------------------------------------------------------
@@ -656,13 +654,12 @@ def plot(r):
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 1 + 0.5 * T))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
-    ax.set_xticks(range(T), range(1, T + 1))
-    ax.set_yticks(range(T), range(1, T + 1))
+    ax.set(xticks=range(T), xticklabels=range(1, T + 1), yticks=range(T), yticklabels=range(1, T + 1),
+           xlabel='task evaluated', ylabel='after training task')
     for t in range(T):
         for i in range(t + 1):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
                     color='w' if acc[t][i] < 60 else 'k')
-    ax.set(xlabel='task evaluated', ylabel='after training task')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
     save_figure(plt, fig, os.path.join(r.out, 'accuracy.png'))
     hits = torch.tensor(r.metrics['task_usage'], dtype=torch.float64)  # (T, L, E)
