@@ -65,8 +65,8 @@ def parse_args(argv=None):
     a('--epochs', type=int, help='epochs per task (20); task 1 adds half as dense warm-up')
     a('--batch-size', type=int, help='GLOBAL batch, split across torchrun ranks')
     a('--lr', type=float, help='head lr; prompts get 5x')
-    a('--iter-step', type=int, help="schedule entries per epoch (SPEC section 6): the released row's, else "
-      'ceil(task images / batch)')
+    a('--iter-step', type=int, help="schedule entries per epoch (SPEC section 6): the released row's (at its "
+      'task count and batch size), else ceil(task images / batch)')
     a('--hold', type=int, help="entries at lr 1e-6 before the cosine: the released row's, else one epoch in "
       '20 (as the ImageNet-R rows): round(iter_step x epochs / 20)')
     a('--experts', type=int, help='experts per layer and head (25)')
@@ -336,7 +336,7 @@ def claim_out(args):
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = open(os.path.join(args.out, '.lock'), 'a')
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except BlockingIOError:
         raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out')
     except OSError as e:
@@ -690,7 +690,7 @@ def save_figure(plt, fig, path):
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    lock = None
+    lock = created = None
     try:
         if args.batch_size < world:
             raise ValueError(f'--batch-size {args.batch_size} is the global batch: it must be at least the '
@@ -715,7 +715,7 @@ def main(argv=None):
         with together(world, device):  # what the file system can tell before any download
             if args.dataset != 'synthetic' and os.path.isfile(args.data_dir):
                 raise ValueError(f'--data-dir {args.data_dir} is a file: give a folder')
-            lock = claim_out(args) if rank == 0 else None
+            lock, created = claim_out(args) if rank == 0 else (None, False)
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
@@ -730,10 +730,10 @@ def main(argv=None):
         return 2
     finally:
         if lock:
-            if lock[1] and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
-                os.remove(lock[0].name)
+            if created and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
+                os.remove(lock.name)
                 os.rmdir(args.out)
-            lock[0].close()
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
