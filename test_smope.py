@@ -1375,10 +1375,12 @@ def test_eval_does_not_depend_on_batch_size():
         full = model.head(model.features(x))
         single = torch.cat([model.head(model.features(x[b:b + 1])) for b in range(64)])
     assert (full - single).abs().max() <= 1e-5 and torch.equal(full.argmax(1), single.argmax(1))
-    y = torch.arange(len(test)) % 10  # any labels: both batch sizes must count the same hits
+    y = torch.arange(len(test)) % 10  # any labels: both batch sizes must count the same correct predictions
     autocast = lambda: torch.autocast('cpu', enabled=False)
-    accs = [train.evaluate(model, test, y, 1, 10, type('A', (), dict(eval_batch_size=bs)), dict(feed, rank=0, world=1, resize='cifar'),
-                           autocast) for bs in (1, 64)]
+    from argparse import Namespace
+    runs = [Namespace(model=model, test_set=test, y_test=y, per_task=10, args=Namespace(eval_batch_size=bs), world=1,
+                      feed=dict(feed, rank=0, world=1, resize='cifar'), autocast=autocast) for bs in (1, 64)]
+    accs = [train.evaluate(r, Namespace(t=0, hi=10)) for r in runs]
     assert accs[0] == accs[1]
 
 

@@ -8,16 +8,17 @@ SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
 """
 import argparse
 import contextlib
-import importlib.util
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -31,23 +32,17 @@ from vit import ViT, vit_b_16
 
 # SPEC.md section 8: the released scripts' hyperparameters, with section 6's schedule constants where the
 # released config has them (iter_step: schedule entries per epoch; hold: entries at 1e-6 before the cosine)
-PAPER = {
-    ('cifar100', 10): dict(batch_size=128, lr=0.005, router_weight=1e-5, proto_weight=1e-5, eps=0.4,
-                           ca_epochs=50, ca_ratio=1, iter_step=40, hold=80),
-    ('imagenet-r', 5): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=1e-5, eps=0.7,
-                            ca_epochs=60, ca_ratio=2, iter_step=80, hold=80),
-    ('imagenet-r', 10): dict(batch_size=64, lr=0.0025, router_weight=5e-5, proto_weight=1e-4, eps=0.5,
-                             ca_epochs=50, ca_ratio=6, iter_step=40, hold=40),
-    ('imagenet-r', 20): dict(batch_size=64, lr=0.0025, router_weight=1e-4, proto_weight=5e-5, eps=0.3,
-                             ca_epochs=50, ca_ratio=4, iter_step=20, hold=20),
-    # CUB-200 runs the released per-epoch cosine instead (lr_schedule), so it has no iter_step or hold
-    ('cub200', 10): dict(batch_size=128, lr=0.005, router_weight=1e-5, proto_weight=5e-5, eps=0.4,
-                         ca_epochs=50, ca_ratio=1),
+COLUMNS = 'batch_size lr router_weight proto_weight eps ca_epochs ca_ratio iter_step hold'.split()
+PAPER = {row: dict(zip(COLUMNS, values)) for row, values in [
+    (('cifar100', 10), (128, 0.005, 1e-5, 1e-5, 0.4, 50, 1, 40, 80)),
+    (('imagenet-r', 5), (64, 0.0025, 1e-4, 1e-5, 0.7, 60, 2, 80, 80)),
+    (('imagenet-r', 10), (64, 0.0025, 5e-5, 1e-4, 0.5, 50, 6, 40, 40)),
+    (('imagenet-r', 20), (64, 0.0025, 1e-4, 5e-5, 0.3, 50, 4, 20, 20)),
+    (('cub200', 10), (128, 0.005, 1e-5, 5e-5, 0.4, 50, 1)),  # the per-epoch cosine: no iter_step or hold
     # the offline demo: small enough for two CPU cores, not a paper setting
-    ('synthetic', 5): dict(batch_size=32, lr=0.002, router_weight=1e-5, proto_weight=1e-5, eps=0.4,
-                           ca_epochs=10, ca_ratio=1, ca_lr=1e-3, epochs=4, experts=8, top_k=2,
-                           prompt_layers=2, arch='tiny', weights=None),
-}
+    (('synthetic', 5), (32, 0.002, 1e-5, 1e-5, 0.4, 10, 1))]}
+PAPER['synthetic', 5].update(ca_lr=1e-3, epochs=4, experts=8, top_k=2, prompt_layers=2, arch='tiny',
+                             weights=None)
 RELEASED_BACKBONE = {'cifar100': 'sup1k', 'imagenet-r': 'sup1k', 'cub200': 'sup21k'}  # SPEC section 7
 TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # the demo's backbone
 # settings that change results: a checkpoint made with other values is not resumed
@@ -63,49 +58,48 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'cub200', 'synthetic'])
-    a('--tasks', type=int, default=None, help='10 (synthetic: 5)')
+    a('--tasks', type=int, help='10 (synthetic: 5)')
     a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
       "sup21k), pixels in [0,1] without normalisation, fp32, --released-quirks; the rest is its row anyway")
     a('--released-quirks', action='store_true', help="reproduce the released code's slips (SPEC section 9)")
-    a('--epochs', type=int, default=None, help='epochs per task (20); task 1 adds half as dense warm-up')
-    a('--batch-size', type=int, default=None, help='GLOBAL batch, split across torchrun ranks')
-    a('--lr', type=float, default=None, help='head lr; prompts get 5x')
-    a('--iter-step', type=int, default=None, help='schedule entries per epoch (SPEC section 6): the released '
-      "row's; where none exists (other tasks or batch size), ceil(task images / batch)")
-    a('--hold', type=int, default=None, help="schedule entries at lr 1e-6 before the cosine: the released "
-      "row's; where none exists, round(iter_step x epochs / 20), one epoch in 20 as the ImageNet-R rows")
-    a('--experts', type=int, default=None, help='experts per layer and head (25)')
-    a('--top-k', type=int, default=None, help='active experts per image (5)')
-    a('--prompt-layers', type=int, default=None, help='prompted blocks, counted from the first (6)')
-    a('--eps', type=float, default=None, help='adaptive noise strength (Eq. 2)')
-    a('--router-weight', type=float, default=None, help='alpha_router (Eq. 5)')
-    a('--proto-weight', type=float, default=None, help='alpha_proto (Eq. 6)')
-    a('--ca-epochs', type=int, default=None, help='classifier alignment epochs')
-    a('--ca-ratio', type=int, default=None, help='alignment samples per class = batch size x ratio')
-    a('--ca-lr', type=float, default=None, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
+    a('--epochs', type=int, help='epochs per task (20); task 1 adds half as dense warm-up')
+    a('--batch-size', type=int, help='GLOBAL batch, split across torchrun ranks')
+    a('--lr', type=float, help='head lr; prompts get 5x')
+    a('--iter-step', type=int, help="schedule entries per epoch (SPEC section 6): the released row's (at its "
+      'task count and batch size), else ceil(task images / batch)')
+    a('--hold', type=int, help="entries at lr 1e-6 before the cosine: the released row's, else one epoch in "
+      '20 (as the ImageNet-R rows): round(iter_step x epochs / 20)')
+    a('--experts', type=int, help='experts per layer and head (25)')
+    a('--top-k', type=int, help='active experts per image (5)')
+    a('--prompt-layers', type=int, help='prompted blocks, counted from the first (6)')
+    a('--eps', type=float, help='adaptive noise strength (Eq. 2)')
+    a('--router-weight', type=float, help='alpha_router (Eq. 5)')
+    a('--proto-weight', type=float, help='alpha_proto (Eq. 6)')
+    a('--ca-epochs', type=int, help='classifier alignment epochs')
+    a('--ca-ratio', type=int, help='alignment samples per class = batch size x ratio')
+    a('--ca-lr', type=float, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
     a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'],
       help='linear = SMoPE; others = NoRGa')
-    a('--arch', default=None, choices=['vit_b_16', 'tiny'])
-    a('--weights', default=None, help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC "
-      "section 7), a torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
-    a('--normalize', default=None, choices=['backbone', 'none'],
-      help="'none' = pixels in [0,1] (the released code); default: the backbone's own mean and std")
+    a('--arch', choices=['vit_b_16', 'tiny'])
+    a('--weights', help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC section 7), a "
+      "torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
+    a('--normalize', choices=['backbone', 'none'], help="'none' = pixels in [0,1] (the released code); "
+      "default: the backbone's own mean and std")
     a('--split', default='fixed', choices=['fixed', 'random'],
       help='imagenet-r: the released 24k/6k lists, or seeded 80/20')
     a('--seeds', type=int, nargs='+', default=[0])
     a('--data-dir', default='data')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
-    a('--out', default=None, help='run folder (default runs/<dataset>-<tasks>)')
+    a('--out', help='run folder (default runs/<dataset>-<tasks>)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    a('--precision', default=None, choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on '
-      'CUDA, fp32 on CPU; fp32 on CUDA allows TF32 matmuls (not with --paper). Routing always runs in fp32')
+    a('--precision', choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on CUDA, fp32 on '
+      'CPU; fp32 on CUDA allows TF32 matmuls (not with --paper). Routing always runs in fp32')
     a('--compile', action='store_true', help='torch.compile the training loss (one graph) and the backbone')
     a('--resume', action='store_true', help='continue after the last completed task in --out')
-    a('--stop-after', type=int, default=None, help='stop after this many tasks (resume later with --resume)')
+    a('--stop-after', type=int, help='stop after this many tasks (resume later with --resume)')
     a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
     a('--eval-batch-size', type=int, default=256)
-    a('--workers', type=int, default=None, help='image decoding processes (imagenet-r, cub200); default: the '
-      'cores available to this process, less one')
+    a('--workers', type=int, help='JPEG decoding processes (imagenet-r, cub200); default: usable cores - 1')
     a('--no-augment', dest='augment', action='store_false', help='train on un-augmented images')
     a('--dense', action='store_true', help='ablation: one shared prompt, all experts active')
     a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0')
@@ -117,22 +111,19 @@ def parse_args(argv=None):
     if args.paper and args.dataset not in RELEASED_BACKBONE:
         p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
     args.tasks = (5 if args.dataset == 'synthetic' else 10) if args.tasks is None else args.tasks
-    released = PAPER.get((args.dataset, args.tasks))
+    released = (args.dataset, args.tasks) in PAPER
     args.row = (args.dataset, args.tasks) if released else next(k for k in PAPER if k[0] == args.dataset)
-    row = dict(PAPER[args.row])
-    schedule = {k: row.pop(k) for k in ('iter_step', 'hold') if k in row}
+    row = PAPER[args.row]
+    own = released and args.batch_size in (None, row['batch_size'])  # the released schedule: its own row only
     defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
                     weights='IMAGENET1K_V1', normalize='backbone', precision='auto')
     if args.paper:
         defaults.update(weights=RELEASED_BACKBONE[args.dataset], normalize='none', precision='fp32')
         args.released_quirks = True
-    for k, v in {**defaults, **row}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if released and args.batch_size == row['batch_size']:  # the released schedule table, only for its own row
-        for k, v in schedule.items():  # the released hold belongs to 20 epochs: scaled (SPEC section 9)
-            v = round(v * args.epochs / 20) if k == 'hold' else v
-            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    for k, v in {**defaults, **row}.items():  # hold comes after epochs, which it needs
+        if getattr(args, k) is None and (own or k not in ('iter_step', 'hold')):
+            # the released hold belongs to 20 epochs: scaled (SPEC section 9)
+            setattr(args, k, round(v * args.epochs / 20) if k == 'hold' else v)
     if args.precision == 'auto':
         args.precision = 'bf16' if args.device.startswith('cuda') else 'fp32'
     args.weights = None if str(args.weights).lower() == 'none' else args.weights
@@ -162,37 +153,31 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # the released schedules (SPEC section 6)
 
+def cosine(k, T, base):  # from base at k = 0 down to 1e-6 at k = T
+    return 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * k / T))
+
+
 def lr_schedule(args, n_images, epochs):
-    """(prompt lr, head lr) for each optimizer step of one phase over n_images: floor(n_images / batch)
-    steps per epoch, the last incomplete batch being dropped. Step k takes entry k of the released
-    CosineSchedulerIter table of iter_step x epochs entries: `hold` entries at 1e-6 for both groups, then a
-    cosine from the group's base (prompts 5 x lr) to 1e-6, and 1e-6 past the table's end, as the released
-    scheduler returns there. CUB-200's released script steps a per-epoch cosine instead:
-    base * cos(99 pi e / (200 (epochs - 1))). --released-quirks (SPEC section 9): the first step at the bases,
-    then step k at entry k - 1; CUB-200: epoch e >= 1 at the value of epoch e - 1."""
-    per_epoch, q = n_images // args.batch_size, args.released_quirks
-    bases = (5 * args.lr, args.lr)
+    """(prompt lr, head lr) per optimizer step of one phase over n_images, floor(n_images / batch) per epoch:
+    step k at entry k of the released table (CosineSchedulerIter; CUB-200: a per-epoch cosine), SPEC section 6
+    step 2. --released-quirks: the first step at the bases, then one entry late (SPEC section 9)."""
+    per_epoch, q, bases = n_images // args.batch_size, args.released_quirks, (5 * args.lr, args.lr)
     if args.dataset == 'cub200':
         cos = [math.cos(99 * math.pi * max(0, e - q) / (200 * max(1, epochs - 1))) for e in range(epochs)]
-        return [(bases[0] * cos[e], bases[1] * cos[e]) for e in range(epochs) for _ in range(per_epoch)]
+        return [(bases[0] * c, bases[1] * c) for c in cos for _ in range(per_epoch)]
     iter_step = args.iter_step or math.ceil(n_images / args.batch_size)
     hold = args.hold if args.hold is not None else round(iter_step * args.epochs / 20)
     T = iter_step * epochs
-
-    def lr(k, base):
-        if k < hold or k >= T:
-            return 1e-6
-        return 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (k - hold) / (T - hold)))
-    table = [(lr(k, bases[0]), lr(k, bases[1])) for k in range(per_epoch * epochs)]
+    table = [tuple(1e-6 if k < hold or k >= T else cosine(k - hold, T - hold, b) for b in bases)
+             for k in range(per_epoch * epochs)]
     return ([bases] + table)[:len(table)] if q else table
 
 
 def ca_lr_schedule(args, earlier_classes):
-    """One lr per classifier-alignment iteration: crct_num = earlier_classes iterations per epoch, and one
-    cosine from --ca-lr to 1e-6 over all crct_num x ca_epochs of them (SPEC section 6 step 5).
-    --released-quirks: the first at the released --ca_lr, 10 x --ca-lr, then iteration k at entry k - 1."""
+    """One lr per alignment iteration, crct_num = earlier_classes per epoch (SPEC section 6 step 5).
+    --released-quirks: the first at the released --ca_lr, 10 x --ca-lr, then one entry late."""
     T = earlier_classes * args.ca_epochs
-    table = [1e-6 + 0.5 * (args.ca_lr - 1e-6) * (1 + math.cos(math.pi * k / T)) for k in range(T)]
+    table = [cosine(k, T, args.ca_lr) for k in range(T)]
     return ([10 * args.ca_lr] + table)[:T] if args.released_quirks else table
 
 
@@ -215,7 +200,7 @@ class Learner(nn.Module):
 
 
 @dataclass
-class Run:
+class SeedRun:
     """What one seed's run carries from task to task."""
     args: argparse.Namespace
     model: Learner
@@ -232,8 +217,8 @@ class Run:
     device: torch.device
     gen: torch.Generator      # shuffling and augmentation
     ca_gen: torch.Generator   # classifier-alignment samples
-    stats: dict = None        # SPEC section 6 step 4: 'mean', 'var', (C, width) float64
-    metrics: dict = field(default_factory=dict)
+    stats: dict               # SPEC section 6 step 4: 'mean', 'var', (C, width) float64
+    metrics: dict
 
     def log(self, *a):
         if self.rank == 0:
@@ -242,13 +227,12 @@ class Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == 'bf16')
 
+    @property
+    def checkpoint(self):
+        return os.path.join(self.out, 'checkpoint.pt')
 
-@dataclass
-class Task:
-    t: int                    # 0-based
-    lo: int                   # the task's logits are [lo, hi); classes seen so far [0, hi)
-    hi: int
-    idx: torch.Tensor         # its training images
+
+Task = namedtuple('Task', 't lo hi idx')  # t 0-based; its logits [lo, hi), seen classes [0, hi); its images
 
 
 def run(args, seed, rank, world, device):
@@ -261,8 +245,11 @@ def run(args, seed, rank, world, device):
         t0, lo, hi = time.time(), t * r.per_task, (t + 1) * r.per_task
         task = Task(t, lo, hi, torch.nonzero((r.y_train >= lo) & (r.y_train < hi)).squeeze(1).cpu())
         r.model.prompt.begin_task()
+        phases = [('train', args.dense, args.epochs)]  # SPEC section 6 steps 1-2: task 1 opens with a warm-up
+        if t == 0 and args.warmup and not args.dense:
+            phases.insert(0, ('warm-up', True, max(1, args.epochs // 2)))
         with timed(r, 'training'):
-            images, seconds = zip(*[train_phase(r, task, *phase) for phase in phases(args, t)])
+            images, seconds = zip(*[train_phase(r, task, *phase) for phase in phases])
         with timed(r, 'usage pass'):
             usage_pass(r, task)
         with timed(r, 'statistics'):
@@ -271,7 +258,7 @@ def run(args, seed, rank, world, device):
             with timed(r, 'alignment'):
                 align_classifier(r, task)
         with timed(r, 'evaluation'):
-            row = evaluate(r.model, r.test_set, r.y_test, t + 1, r.per_task, args, r.feed, r.autocast)
+            row = evaluate(r, task)
         record(r, task, row, time.time() - t0, sum(images) / max(sum(seconds), 1e-9))
         with timed(r, 'checkpointing'):
             save_checkpoint(r, task)
@@ -287,37 +274,38 @@ def setup(args, seed, rank, world, device):
     model = Learner(vit, prompt, C).to(device)
     if args.compile:
         model.vit = torch.compile(model.vit)
-    normalize = args.normalize == 'backbone'
-    feed = dict(device=device, image_size=vit.image_size, mean=vit.mean if normalize else None,
-                std=vit.std if normalize else None, rank=rank, world=world, workers=args.workers,
+    norm = args.normalize == 'backbone'
+    feed = dict(device=device, image_size=vit.image_size, mean=vit.mean if norm else None,
+                std=vit.std if norm else None, rank=rank, world=world, workers=args.workers,
                 resize='cifar' if args.dataset in ('cifar100', 'synthetic') else 'imagenet')
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    r = Run(args, model, ddp, train_set, test_set, data.remap(train_set.labels, order).to(device),
-            data.remap(test_set.labels, order).to(device), len(data.split_tasks(order, args.tasks)[0]), feed,
-            os.path.join(args.out, f'seed{seed}'), rank, world, device,
-            torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000))
-    r.stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
-    r.metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], task_usage=[],
-                     step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
-                     config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
-                     trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     prompt_params=prompt.keys.numel() + prompt.values.numel())
+    metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], task_usage=[],
+                   step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
+                   config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
+                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   prompt_params=prompt.keys.numel() + prompt.values.numel())
+    stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
+    y_train, y_test = (data.remap(s.labels, order).to(device) for s in (train_set, test_set))
+    r = SeedRun(args=args, model=model, ddp=ddp, train_set=train_set, test_set=test_set, y_train=y_train,
+                y_test=y_test, per_task=len(data.split_tasks(order, args.tasks)[0]), feed=feed, stats=stats,
+                metrics=metrics, out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world,
+                device=device, gen=torch.Generator().manual_seed(seed),
+                ca_gen=torch.Generator().manual_seed(seed + 10_000))
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
     return r
 
 
 def load_in_turn(args, seed, rank, world, device):
-    """Data set and backbone. Under torchrun the ranks take turns, so that no two download into the same
-    files: rank 0 first, then the first rank of every other machine (whose disk may be its own), then the
-    rest."""
+    """Data set and backbone. Under torchrun the ranks take turns so that no two download into the same files:
+    rank 0, then the first rank of every other machine (whose disk may be its own), then the rest."""
     turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
     for k in range(3):  # after each turn all ranks agree that it went well
         with together(world, device):
             if k == turn:
                 download = args.download and turn < 2
                 train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
-                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later draws: Run's generators
+                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
                 vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
     return train_set, test_set, vit
 
@@ -339,10 +327,6 @@ def together(world, device):
         raise err
 
 
-def ckpt_path(r):
-    return os.path.join(r.out, 'checkpoint.pt')
-
-
 def claim_out(args):
     """(lock, created): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once."""
     taken = [c for s in args.seeds if os.path.exists(c := os.path.join(args.out, f'seed{s}/checkpoint.pt'))]
@@ -352,7 +336,7 @@ def claim_out(args):
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = open(os.path.join(args.out, '.lock'), 'a')
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except BlockingIOError:
         raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out')
     except OSError as e:
@@ -362,18 +346,18 @@ def claim_out(args):
 
 def resume(r):
     """Continue after the last completed task; only an intact checkpoint of the same settings is accepted."""
-    if not os.path.exists(ckpt_path(r)):
-        r.log(f'{ckpt_path(r)} does not exist: starting from task 1')
+    if not os.path.exists(r.checkpoint):
+        r.log(f'{r.checkpoint} does not exist: starting from task 1')
         return 0
     try:
-        ck = torch.load(ckpt_path(r), map_location=r.device, weights_only=False)
+        ck = torch.load(r.checkpoint, map_location=r.device, weights_only=False)
         if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
             raise ValueError('its sha256 does not match its content')
         config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
         diff = [f'{k}: checkpoint {config.get(k)!r}, now {v!r}' for k, v in r.metrics['config'].items()
                 if config.get(k) != v]
-        diff += [f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}'] if sha != r.metrics[
-            'weights_sha256'] else []
+        if sha != r.metrics['weights_sha256']:
+            diff.append(f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}')
         if not diff:
             r.model.prompt.load_state_dict(ck['prompt'])
             r.model.head.load_state_dict(ck['head'])
@@ -381,38 +365,18 @@ def resume(r):
             r.gen.set_state(ck['gen'])
             r.ca_gen.set_state(ck['ca_gen'])
     except Exception as e:
-        raise ValueError(f'{ckpt_path(r)} is not a readable checkpoint of train.py ({type(e).__name__}: '
+        raise ValueError(f'{r.checkpoint} is not a readable checkpoint of train.py ({type(e).__name__}: '
                          f'{" ".join(str(e).split())}): move it away, or choose another --out') from None
     if diff:
-        raise ValueError(f"{ckpt_path(r)} was made with other settings ({'; '.join(diff)}): "
+        raise ValueError(f"{r.checkpoint} was made with other settings ({'; '.join(diff)}): "
                          'use the same flags or another --out')
     r.log(f'resuming {r.out} after task {task}/{r.args.tasks}')
     return task
 
 
-@contextlib.contextmanager
-def timed(r, step):
-    """Adds the wall time of one protocol step to metrics['step_seconds'] (CUDA work included)."""
-    sync = torch.cuda.synchronize if r.device.type == 'cuda' else (lambda: None)
-    sync()
-    t0 = time.time()
-    yield
-    sync()
-    r.metrics['step_seconds'][step] += time.time() - t0
-
-
-def phases(args, t):
-    """SPEC section 6 step 1: task 1 opens with a dense warm-up of int(epochs / 2) epochs; then the main
-    phase."""
-    first = t == 0 and args.warmup and not args.dense
-    warmup = [('warm-up', True, max(1, args.epochs // 2))] if first else []
-    return warmup + [('train', args.dense, args.epochs)]
-
-
 def train_phase(r, task, name, dense, epochs):
-    """SPEC section 6 step 2, one phase: a fresh AdamW and schedule, shuffled full global batches (drop_last),
-    CE over the current task's classes + router loss (Eq. 5) + prototype loss (Eq. 6).
-    Returns (images, seconds) for the images/s in metrics."""
+    """SPEC section 6 step 2, one phase: a fresh AdamW and schedule, shuffled full global batches, the loss of
+    Eq. 7. Returns (images, seconds) for the images/s in metrics."""
     args, prompt, head = r.args, r.model.prompt, r.model.head
     if len(task.idx) < args.batch_size:
         raise ValueError(f'task {task.t + 1} has {len(task.idx)} training images, fewer than one global '
@@ -424,16 +388,15 @@ def train_phase(r, task, name, dense, epochs):
         if r.world > 1:
             r.ddp = nn.parallel.DistributedDataParallel(r.model, broadcast_buffers=False)
     trainable = [p for p in prompt.parameters() if p.requires_grad]
-    # fused on CUDA: one kernel, its step count on the GPU (for-loop AdamW reads it on the host); CPU unchanged
+    # fused on CUDA: one kernel, its step count on the GPU (for-loop AdamW reads it on the host); CPU as is
     opt = torch.optim.AdamW([dict(params=trainable), dict(params=head.parameters())], lr=0.0,
                             weight_decay=0.0, fused=r.device.type == 'cuda')  # lr: from the schedule
     schedule = iter(lr_schedule(args, len(task.idx), epochs))
     loss_fn = torch.compile(step_loss) if args.compile else step_loss
-    images, seconds = 0, 0.0
+    images, seconds, never = 0, 0.0, torch.iinfo(torch.long).max
     for epoch in range(epochs):
         r.model.train()
-        e0, tot = time.time(), torch.zeros(2, device=r.device, dtype=torch.float64)  # CE sum, hits
-        never = torch.iinfo(torch.long).max
+        e0, tot = time.time(), torch.zeros(2, device=r.device, dtype=torch.float64)  # CE sum, correct
         bad = torch.full((), never, device=r.device)  # first step with a non-finite loss, checked per epoch
         for j, (x, i) in enumerate(data.batches(r.train_set, task.idx, args.batch_size, args.augment, r.gen,
                                                 drop_last=True, shuffle=True, **r.feed)):
@@ -452,7 +415,7 @@ def train_phase(r, task, name, dense, epochs):
         if r.world > 1:  # every rank must stop alike, whichever rank saw it
             dist.all_reduce(bad, dist.ReduceOp.MIN)
         if bad.item() != never:
-            kept = f'{ckpt_path(r)} holds the last completed task' if task.t else 'no task was completed'
+            kept = f'{r.checkpoint} holds the last completed task' if task.t else 'no task was completed'
             raise FloatingPointError(f'loss is not finite at task {task.t + 1}, {name} epoch {epoch + 1}, '
                                      f'step {bad.item() + 1}: lower --lr; {kept}')
         dt = time.time() - e0
@@ -478,10 +441,9 @@ def step_loss(model, prompt, x, y, lo, hi, args):
 
 @torch.no_grad()
 def task_features(r, task, released=False):
-    """(final CLS features, dataset indices) for ALL of the task's training images, prompts in evaluation
-    mode: what the usage pass and the class statistics see. Training augmentation as the released code
-    (--no-augment turns it off); no drop_last (the released loader drops the last batch: SPEC section 9).
-    released: the released usage pass's loader instead, shuffled training batches with drop_last."""
+    """(final CLS features, dataset indices) of ALL the task's training images (no drop_last, SPEC section 9),
+    prompts in evaluation mode, training augmentation as released. released: the released usage pass's
+    loader instead, shuffled batches with drop_last."""
     r.model.eval()
     size = r.args.batch_size if released else r.args.eval_batch_size
     for x, i in data.batches(r.train_set, task.idx, size, r.args.augment, r.gen, drop_last=released,
@@ -493,9 +455,8 @@ def task_features(r, task, released=False):
 
 
 def usage_pass(r, task):
-    """SPEC section 5 (protocol step 3): count each expert's top-K hits on the raw scores over the task's
-    training images, summed over ranks. --released-quirks: the released pass (SPEC section 9), routed as at
-    test time, each batch's hits joining `usage` before the next batch."""
+    """SPEC section 5: each expert's top-K hits over the task's training images, summed over ranks.
+    --released-quirks: the released pass (SPEC section 9), each batch's hits joining `usage` at once."""
     prompt, released = r.model.prompt, r.args.released_quirks
     prompt.counting = 'released' if released else True
     for _ in task_features(r, task, released):
@@ -508,8 +469,7 @@ def usage_pass(r, task):
 
 
 def class_statistics(r, task):
-    """SPEC section 6 step 4: per-class mean and population variance of the final CLS features of the task's
-    training images, routed as at test time with the new counts."""
+    """SPEC section 6 step 4: per-class mean and population variance of the task's final CLS features."""
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
     for f, i in task_features(r, task):
         f = f.double()
@@ -524,9 +484,7 @@ def class_statistics(r, task):
 
 def align_classifier(r, task):
     """SPEC section 6 step 5: retrain the head on features drawn from N(mu_c, diag(var_c) + 1e-4) of every
-    seen class. Per epoch the released code draws batch x ratio samples per class, shuffles them and uses the
-    first crct_num = (classes of earlier tasks) batches; drawing only the samples it uses gives the same
-    distribution."""
+    seen class; of the released pool of batch x ratio samples per class, only the crct_num batches used."""
     args, head, seen, earlier = r.args, r.model.head, task.hi, task.lo
     per = args.batch_size * args.ca_ratio
     opt = torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=5e-4)
@@ -549,23 +507,19 @@ def align_classifier(r, task):
 
 
 @torch.no_grad()
-def evaluate(model, test_set, y_test, tasks_seen, classes_per_task, args, feed, autocast):
+def evaluate(r, task):
     """SPEC section 6 step 6: accuracy (%) on each seen task's test set over all seen classes, no task id."""
-    model.eval()
-    hi = tasks_seen * classes_per_task
-    idx = torch.nonzero(y_test < hi).squeeze(1).cpu()
-    hits = torch.zeros(2, tasks_seen, dtype=torch.float64, device=y_test.device)
-    for x, i in data.batches(test_set, idx, args.eval_batch_size, False, None, **feed):
-        if len(i) == 0:
-            continue
-        with autocast():
-            pred = model.head(model.features(x)).float()[:, :hi].argmax(1)
-        y = y_test[i]
-        task = y // classes_per_task
-        hits[0].index_add_(0, task, (pred == y).double())
-        hits[1].index_add_(0, task, torch.ones_like(task, dtype=torch.float64))
-    all_sum(hits, feed['world'])
-    return (100 * hits[0] / hits[1].clamp(min=1)).tolist()
+    r.model.eval()
+    idx = torch.nonzero(r.y_test < task.hi).squeeze(1).cpu()
+    correct, images = torch.zeros(2, task.t + 1, dtype=torch.float64, device=r.y_test.device)  # per seen task
+    for x, i in data.batches(r.test_set, idx, r.args.eval_batch_size, False, None, **r.feed):
+        if len(i):
+            with r.autocast():
+                pred = r.model.head(r.model.features(x)).float()[:, :task.hi].argmax(1)
+            y = r.y_test[i]
+            correct.index_add_(0, y // r.per_task, (pred == y).double())
+            images.index_add_(0, y // r.per_task, torch.ones_like(y, dtype=torch.float64))
+    return (100 * all_sum(correct, r.world) / all_sum(images, r.world).clamp(min=1)).tolist()
 
 
 def record(r, task, row, seconds, images_per_second):
@@ -590,7 +544,7 @@ def save_checkpoint(r, task):
         os.makedirs(r.out, exist_ok=True)
         state = dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
                      metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state())
-        atomic_save(dict(state, sha256=digest(state)), ckpt_path(r))
+        atomic_save(dict(state, sha256=digest(state)), r.checkpoint)
         atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
         plot(r)  # after every task, so a long run can be watched
 
@@ -619,14 +573,6 @@ def all_sum(t, world):
     return t
 
 
-def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task); CPU: the process's peak RSS
-    if device.type != 'cuda':
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
 def atomic_save(obj, path, json_too=False):
     tmp = path + '.tmp'
     try:
@@ -652,10 +598,30 @@ def digest(state):
 def summarise(acc):
     """SPEC section 8 from the lower-triangular accuracy matrix acc[t][i] (percent)."""
     T = len(acc)
-    faa = sum(acc[-1]) / T
-    caa = sum(sum(row) / len(row) for row in acc) / T
     ffm = sum(max(acc[t][i] for t in range(i, T - 1)) - acc[-1][i] for i in range(T - 1)) / max(1, T - 1)
-    return dict(faa=faa, caa=caa, forgetting=ffm)
+    return dict(faa=sum(acc[-1]) / T, caa=sum(sum(row) / len(row) for row in acc) / T, forgetting=ffm)
+
+
+# -----------------------------------------------------------------------------
+# instrumentation: step times, memory, expert usage, the accuracy matrix and the pictures
+
+@contextlib.contextmanager
+def timed(r, step):
+    """Adds the wall time of one protocol step to metrics['step_seconds'] (CUDA work included)."""
+    sync = torch.cuda.synchronize if r.device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.time()
+    yield
+    sync()
+    r.metrics['step_seconds'][step] += time.time() - t0
+
+
+def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task); CPU: the process's peak RSS
+    if device.type != 'cuda':
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def usage_line(prompt):
@@ -676,8 +642,8 @@ def log_matrix(acc, log):
 
 
 def plot(r):
-    """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, one
-    panel per prompted layer; triangles: experts in the frequently-used set U, sized by the share of heads)."""
+    """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, a
+    panel per prompted layer; triangles: experts in the frequently-used set U, sized by share of heads)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -688,13 +654,12 @@ def plot(r):
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 1 + 0.5 * T))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
-    ax.set_xticks(range(T), range(1, T + 1))
-    ax.set_yticks(range(T), range(1, T + 1))
+    ax.set(xticks=range(T), xticklabels=range(1, T + 1), yticks=range(T), yticklabels=range(1, T + 1),
+           xlabel='task evaluated', ylabel='after training task')
     for t in range(T):
         for i in range(t + 1):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
                     color='w' if acc[t][i] < 60 else 'k')
-    ax.set(xlabel='task evaluated', ylabel='after training task')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
     save_figure(plt, fig, os.path.join(r.out, 'accuracy.png'))
     hits = torch.tensor(r.metrics['task_usage'], dtype=torch.float64)  # (T, L, E)
@@ -722,24 +687,19 @@ def save_figure(plt, fig, path):
     os.replace(path + '.tmp.png', path)
 
 
-def default_workers():
-    """Decoding processes per rank: the cores this process may use, shared among the ranks on this machine,
-    less one for the rank itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
-
-
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    lock = None
+    lock = created = None
     try:
         if args.batch_size < world:
             raise ValueError(f'--batch-size {args.batch_size} is the global batch: it must be at least the '
                              f'{world} processes')
         if args.device.startswith('cuda') and not torch.cuda.is_available():
             raise ValueError(f'--device {args.device}: torch finds no CUDA GPU here: use --device cpu')
-        args.workers = default_workers() if args.workers is None else args.workers
+        if args.workers is None:  # the cores this process may use, shared by this machine's ranks, less one
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+            args.workers = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
         if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
             print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
                   f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
@@ -755,9 +715,9 @@ def main(argv=None):
         with together(world, device):  # what the file system can tell before any download
             if args.dataset != 'synthetic' and os.path.isfile(args.data_dir):
                 raise ValueError(f'--data-dir {args.data_dir} is a file: give a folder')
-            lock = claim_out(args) if rank == 0 else None
-        results = {s: run(args, s, rank, world, device) for s in args.seeds}
-        done = [m for m in results.values() if len(m['acc']) == args.tasks]
+            lock, created = claim_out(args) if rank == 0 else (None, False)
+        metrics = [run(args, s, rank, world, device) for s in args.seeds]
+        done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
             summary = {}
             for k in ('faa', 'caa', 'forgetting'):
@@ -770,10 +730,10 @@ def main(argv=None):
         return 2
     finally:
         if lock:
-            if lock[1] and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
-                os.remove(lock[0].name)
+            if created and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
+                os.remove(lock.name)
                 os.rmdir(args.out)
-            lock[0].close()
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
