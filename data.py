@@ -62,16 +62,14 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
 
 
 def cifar100(data_dir, download):
-    C, root = datasets.CIFAR100, Path(data_dir).resolve()
-    if not (root / C.base_folder).is_dir():
-        if not download:
-            raise ValueError(f'CIFAR-100 not found: expected {root / C.base_folder}/ holding train, test and '
-                             f'meta (torchvision\'s layout); run without --no-download to fetch {C.url}')
-        fetch_archive(C.url, root, C.filename, C.base_folder, md5=C.tgz_md5)
+    C = datasets.CIFAR100
+    root = Path(data_dir).resolve() / C.base_folder
+    fetch_archive(root, C.filename, C.url, C.tgz_md5, download, f'CIFAR-100 not found: expected {root}/ '
+                  "holding train, test and meta (torchvision's layout)")
     try:  # torchvision checks each file's md5
-        sets = [C(root=str(root), train=train, download=False) for train in (True, False)]
+        sets = [C(root=str(root.parent), train=train, download=False) for train in (True, False)]
     except RuntimeError:
-        raise ValueError(f'{root / C.base_folder} is incomplete or corrupted (md5 of train, test or meta): '
+        raise ValueError(f'{root} is incomplete or corrupted (md5 of train, test or meta): '
                          'delete it to download it again') from None
     # .data is (N,32,32,3) uint8 -> (N,3,32,32)
     return tuple(Images(torch.tensor(d.targets), 100,
@@ -83,11 +81,8 @@ def imagenet_r(data_dir, download, split, seed):
         raise ValueError(f"unknown split {split!r}: choose 'fixed' or 'random'")
     data_dir = Path(data_dir).resolve()
     root = data_dir / 'imagenet-r'
-    if not root.is_dir():
-        if not download:
-            raise ValueError(f'ImageNet-R not found: expected {root}/<wnid>/<image>.jpg (200 class folders); '
-                             f'run without --no-download to fetch {IMR_URL}')
-        fetch_archive(IMR_URL, data_dir, 'imagenet-r.tar', 'imagenet-r', md5=IMR_MD5)
+    fetch_archive(root, 'imagenet-r.tar', IMR_URL, IMR_MD5, download,
+                  f'ImageNet-R not found: expected {root}/<wnid>/<image>.jpg (200 class folders)')
     if split == 'random':
         return random_split(root, seed)
     parts = []
@@ -97,7 +92,7 @@ def imagenet_r(data_dir, download, split, seed):
             if not download:
                 raise ValueError(f'{path} not found (the released {part} split list): run without '
                                  f'--no-download to fetch {url}, or use --split random')
-            fetch(url, path, sha256=SPLIT_SHA256[part])
+            vit.fetch(url, path, 'sha256', SPLIT_SHA256[part])
         files, labels = read_split(path)
         # listed as data/imagenet-r/<wnid>/<file>.jpg, relative to the released code's root
         parts.append(_existing([str(data_dir / f.removeprefix('data/')) for f in files], labels, path))
@@ -106,8 +101,7 @@ def imagenet_r(data_dir, download, split, seed):
 
 
 def _existing(files, labels, listed_in):
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
+    if missing := [f for f in files if not os.path.isfile(f)]:
         raise ValueError(f'{len(missing)} files listed in {listed_in} are missing, e.g. {missing[0]}')
     return files, torch.tensor(labels)
 
@@ -115,16 +109,12 @@ def _existing(files, labels, listed_in):
 def cub200(data_dir, download):
     """CUB-200-2011 with its official split (SPEC section 7): label = class id - 1, paths from images.txt."""
     root = Path(data_dir).resolve() / 'CUB_200_2011'
-    if not root.is_dir():
-        if not download:
-            raise ValueError(f'CUB-200-2011 not found: expected {root}/ holding {", ".join(CUB_FILES)} and '
-                             f'images/<class>/<image>.jpg; run without --no-download to fetch {CUB_URL}')
-        fetch_archive(CUB_URL, root.parent, 'CUB_200_2011.tgz', 'CUB_200_2011', md5=CUB_MD5)
+    fetch_archive(root, 'CUB_200_2011.tgz', CUB_URL, CUB_MD5, download, f'CUB-200-2011 not found: expected '
+                  f'{root}/ holding {", ".join(CUB_FILES)} and images/<class>/<image>.jpg')
     cols = []  # per file: image id -> its value
     for name in CUB_FILES:
         path = root / name
-        rows = [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
-        rows = [r for r in rows if r]
+        rows = [r for r in map(str.split, path.read_text().splitlines()) if r] if path.is_file() else []
         if not rows or any(len(r) != 2 for r in rows):
             raise ValueError(f'{path}: missing, empty or not "<image id> <value>" per line '
                              '(the CUB-200-2011 layout)')
@@ -155,40 +145,35 @@ def read_split(path):
 
 def verify(path, expected, algorithm='sha256'):
     if (got := vit.checksum(path, algorithm)) != expected:
-        raise ValueError(f'{path}: {algorithm} {got} does not match the expected {expected}')
+        raise ValueError(f'{path}: {algorithm} {got} does not match the expected {expected}: delete it to '
+                         'download it again')
 
 
-def fetch(url, path, md5=None, sha256=None):
-    """Download url to path (checked, see vit.fetch) unless another run did while this one waited its turn."""
-    with vit.locked(path):
-        if not os.path.isfile(path):
-            vit.fetch(url, path, 'md5' if md5 else 'sha256', md5 or sha256)
-
-
-def fetch_archive(url, data_dir, archive, folder, md5):
-    """Download data_dir/archive unless it is there, then unpack it so that data_dir/folder appears whole or
-    not at all: the archive is extracted into a hidden folder first and its `folder` moved into place."""
-    data_dir = Path(data_dir)
-    with vit.locked(data_dir / folder):
-        if (data_dir / folder).is_dir():  # another run unpacked it while this one waited its turn
+def fetch_archive(root, archive, url, md5, download, missing):
+    """Unless folder root is there (else `missing`, under download=False): download `archive` beside it unless
+    it is there, check it and unpack it so that root appears whole or not at all (extracted into a hidden
+    folder first, then moved into place)."""
+    if root.is_dir():
+        return
+    if not download:
+        raise ValueError(f'{missing}; run without --no-download to fetch {url}')
+    path, tmp = root.parent / archive, root.parent / f'.{root.name}.unpacking'
+    with vit.locked(root):
+        if root.is_dir():  # another run unpacked it while this one waited its turn
             return
-        if not (data_dir / archive).is_file():
-            vit.fetch(url, data_dir / archive, 'md5', md5)
+        if not path.is_file():
+            vit.fetch(url, path, 'md5', md5)
         else:  # put there by hand, or left by an older run: checked all the same
-            try:
-                verify(data_dir / archive, md5, 'md5')
-            except ValueError as e:
-                raise ValueError(f'{e}: delete it to download it again') from None
-        tmp = data_dir / f'.{folder}.unpacking'
+            verify(path, md5, 'md5')
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            with tarfile.open(data_dir / archive) as tar:
+            with tarfile.open(path) as tar:
                 tar.extraction_filter = getattr(tarfile, 'data_filter', None)  # Python's own, where it has it
                 tar.extractall(tmp, (_inside(m) for m in tar))
-            os.replace(tmp / folder, data_dir / folder)
+            os.replace(tmp / root.name, root)
         except Exception as e:
-            raise ValueError(f'{data_dir / archive} did not unpack into {folder}/ '
-                             f'({" ".join(str(e).split())}): delete it to download it again') from None
+            raise ValueError(f'{path} did not unpack into {root.name}/ ({" ".join(str(e).split())}): '
+                             'delete it to download it again') from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -209,8 +194,7 @@ def random_split(root, seed, test_frac=0.2):
         images = (p for p in (root / wnid).iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
         files = sorted(str(p) for p in images)
         if len(files) < 2:
-            raise ValueError(f'{root / wnid} has {len(files)} images: a random split needs 2 or more '
-                             'per class')
+            raise ValueError(f'{root / wnid} has {len(files)} images: --split random needs 2 per class')
         n_test = min(max(1, round(test_frac * len(files))), len(files) - 1)
         perm = torch.randperm(len(files), generator=g).tolist()
         for part, ks in ((test, perm[:n_test]), (train, perm[n_test:])):
@@ -220,13 +204,11 @@ def random_split(root, seed, test_frac=0.2):
 
 
 def synthetic(num_classes=50, train_per_class=40, test_per_class=10, size=32, seed=0):
-    """Class prototypes = a base colour plus a smooth random pattern; samples are shifted, rescaled and noisy
-    copies."""
+    """Class prototypes = a base colour plus a smooth random pattern; samples: shifted, rescaled, noisy."""
     g = torch.Generator().manual_seed(seed)
     m = size // 8  # max shift in pixels
-    pattern = torch.rand(num_classes, 3, 4, 4, generator=g)
-    pattern = torch.nn.functional.interpolate(pattern, size=size + 2 * m, mode='bilinear',
-                                              align_corners=False)
+    pattern = torch.nn.functional.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size + 2 * m,
+                                              mode='bilinear')
     protos = 0.5 * torch.rand(num_classes, 3, 1, 1, generator=g) + 0.5 * pattern  # (C,3,s+2m,s+2m)
 
     def draw(per_class):
@@ -282,8 +264,7 @@ def crop_boxes(n, H, W, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def _weights(start, length, n_in, n_out):
-    """(n,) crop starts and lengths -> (n,n_out,n_in) weights of torchvision's bilinear resize of each
-    crop."""
+    """(n,) crop starts and lengths -> (n,n_out,n_in) weights of torchvision's bilinear resize of a crop."""
     start, length = start[:, None].float(), length[:, None].float()
     # align_corners=False
     src = ((torch.arange(n_out, device=start.device) + 0.5) * length / n_out - 0.5).clamp(min=0)
@@ -292,8 +273,7 @@ def _weights(start, length, n_in, n_out):
 
 
 def augment(x, boxes, flips, S):
-    """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to S×S, mirror where
-    flips.
+    """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to S×S, mirror where flips.
     Resizing is two small matmuls per image: exactly torchvision's crop-then-resize, fast on any device."""
     wy = _weights(boxes[:, 0], boxes[:, 2], x.shape[2], S) / 255  # (n,S,H), scaling to [0,1] for free
     wx = _weights(boxes[:, 1], boxes[:, 3], x.shape[3], S)        # (n,S,W)
@@ -327,8 +307,7 @@ class _Decode(torch.utils.data.Dataset):
         x, S = _read(self.files[k]), self.S
         if seed >= 0:  # per-sample generator: results do not depend on which worker runs it
             g = torch.Generator().manual_seed(seed)
-            top, left, h, w = crop_boxes(1, x.shape[1], x.shape[2], g)[0].tolist()
-            x = TF.resized_crop(x, top, left, h, w, [S, S], antialias=True)
+            x = TF.resized_crop(x, *crop_boxes(1, *x.shape[1:], g)[0].tolist(), [S, S], antialias=True)
             return TF.horizontal_flip(x) if torch.rand(1, generator=g) < 0.5 else x
         return _eval(x, S, self.resize)
 
@@ -341,8 +320,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
         raise ValueError(f"unknown resize {resize!r}: choose 'cifar' or 'imagenet'")
     S, idx = image_size, idx.cpu()
     if mean is not None:  # (3,) each
-        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
-                     for v in (mean, std))
+        mean, std = (torch.as_tensor(v, device=device).float().view(3, 1, 1) for v in (mean, std))
     finish = lambda x: x if mean is None else x.sub_(mean).div_(std)  # x is always a fresh tensor
     # host -> GPU copies from pinned memory, queued without waiting (the caching host allocator keeps the
     # pinned block until its copy is done); on the CPU, t itself
@@ -368,8 +346,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
             yield finish(x), i
         return
 
-    n = len(idx)
-    seeds = torch.randint(0, 2 ** 62, (n,), generator=generator) if train else torch.full((n,), -1)
+    seeds = torch.randint(0, 2 ** 62, idx.shape, generator=generator) if train else torch.full(idx.shape, -1)
     plan = [list(zip(mine(idx[s:s + batch_size]).tolist(), mine(seeds[s:s + batch_size]).tolist()))
             for s in starts]
     # test images are evaluated after every task: decode each once per run and keep it (uint8, S×S;
@@ -388,6 +365,8 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
             try:
                 x = next(loader)
             except ValueError as e:  # a worker's error comes with its traceback in the message: keep our line
+                e.__traceback__ = None  # else a cycle through torch's reraise keeps the loader's workers (and
+                # their copy of train.py's lock on --out) alive until the garbage collector runs
                 raise ValueError(str(e).splitlines()[-1].removeprefix('ValueError: ')) from None
             if store is not None:
                 store.update((k, xk.clone()) for (k, _), xk in zip(b, x))

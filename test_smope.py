@@ -1018,11 +1018,11 @@ def test_verify_and_fetch(tmp_path):
     # a download lands under a temporary name and replaces the target only once verified; a failed one leaves
     # nothing, and a leftover .part from a killed run is no obstacle
     target = tmp_path / 'imagenet-r_test.yaml'
-    msg = one_line_error(data.fetch, f.as_uri(), target, sha256='0' * 64, exc=OSError)
+    msg = one_line_error(vit.fetch, f.as_uri(), target, expected='0' * 64, exc=OSError)
     assert msg.startswith(f'download of {f.as_uri()} to {target} failed') and 'sha256' in msg
     assert not target.exists() and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
     (tmp_path / 'imagenet-r_test.yaml.part').write_text('half')
-    data.fetch(f.as_uri(), target, sha256=hashlib.sha256(b'precious').hexdigest())
+    vit.fetch(f.as_uri(), target, expected=hashlib.sha256(b'precious').hexdigest())
     assert target.read_text() == 'precious' and not (tmp_path / 'imagenet-r_test.yaml.part').exists()
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Plain ViT with timm's parameter and attribute names (smope.attach routes its attention through a prompt);
 loads torchvision weights, timm checkpoints and the released code's backbones by name (SPEC section 7)."""
+import collections
 import contextlib
 import fcntl
 import glob
@@ -25,23 +26,14 @@ class Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W))
 
 
-class Mlp(nn.Module):
-    def __init__(self, width, mlp_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(width, mlp_dim)
-        self.fc2 = nn.Linear(mlp_dim, width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, as both timm and torchvision use
-
-
 class Block(nn.Module):
     def __init__(self, width, heads, mlp_dim):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, mlp_dim)
+        self.mlp = nn.Sequential(collections.OrderedDict(  # exact GELU, as both timm and torchvision use
+            fc1=nn.Linear(width, mlp_dim), act=nn.GELU(), fc2=nn.Linear(mlp_dim, width)))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -53,8 +45,7 @@ class ViT(nn.Module):
         super().__init__()
         assert image_size % patch_size == 0 and width % heads == 0
         self.image_size, self.patch_size, self.width, self.depth = image_size, patch_size, width, depth
-        self.heads = heads
-        self.head_dim = width // heads
+        self.heads, self.head_dim = heads, width // heads
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # input normalisation the weights expect
         self.weights_sha256 = None  # of the weights file loaded (load_weights)
         n = (image_size // patch_size) ** 2
@@ -81,9 +72,8 @@ def vit_b_16(weights=None, image_size=224, download=True):
 # weights: by name (downloaded once into torch's hub cache) or from a file
 
 IMAGENET, HALF = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)  # (mean, std)
-# SPEC section 7: the released code's backbones, all in timm's key layout. No checksums are published for
-# them, so the sha256 of the file actually read is reported instead.
-# name: (url, file name in torch's hub cache, the (mean, std) it was trained with)
+# SPEC section 7: the released code's backbones, in timm's key layout; no checksums are published for them,
+# so the sha256 of the file read is reported. name: (url, file name in torch's hub cache, its (mean, std))
 HF = 'https://huggingface.co/timm/vit_base_patch16_224.{}/resolve/main/pytorch_model.bin'
 BACKBONES = {
     'sup21k': (HF.format('augreg_in21k'), 'vit_base_patch16_224.augreg_in21k.bin', HALF),
@@ -94,14 +84,11 @@ BACKBONES = {
                'checkpoint_teacher.pth', 'ibot_vitb16_checkpoint_teacher.pth', IMAGENET),  # in 'state_dict'
 }
 
-_TV_TO_OURS = [  # applied in order to every torchvision key
-    (r'^conv_proj\.', 'patch_embed.proj.'), (r'^class_token$', 'cls_token'),
-    (r'^encoder\.pos_embedding$', 'pos_embed'), (r'^encoder\.ln\.', 'norm.'),
-    (r'^encoder\.layers\.encoder_layer_(\d+)\.', r'blocks.\1.'),
-    (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'),
-    (r'\.self_attention\.in_proj_', '.attn.qkv.'), (r'\.self_attention\.out_proj\.', '.attn.proj.'),
-    (r'\.mlp\.(0|linear_1)\.', '.mlp.fc1.'), (r'\.mlp\.(3|linear_2)\.', '.mlp.fc2.'),  # linear_N: old files
-]
+_TV_TO_OURS = {  # parts of torchvision's key names -> ours (mlp.linear_N: older files)
+    'conv_proj.': 'patch_embed.proj.', 'class_token': 'cls_token', 'encoder.pos_embedding': 'pos_embed',
+    'encoder.ln.': 'norm.', 'encoder.layers.encoder_layer_': 'blocks.', '.ln_1.': '.norm1.',
+    '.ln_2.': '.norm2.', '.self_attention.in_proj_': '.attn.qkv.', '.self_attention.out_proj.': '.attn.proj.',
+    'mlp.0.': 'mlp.fc1.', 'mlp.3.': 'mlp.fc2.', 'mlp.linear_1.': 'mlp.fc1.', 'mlp.linear_2.': 'mlp.fc2.'}
 
 
 def _tv_weights(name):
@@ -115,8 +102,7 @@ def _tv_weights(name):
 
 
 def resolve(weights, download=True):
-    """weights name or path -> (local file, (mean, std) or None to go by the key layout, sha256 prefix or
-    None)."""
+    """weights name or path -> (local file, (mean, std) or None: by key layout, sha256 prefix or None)."""
     if weights in BACKBONES:
         url, name, norm = BACKBONES[weights]
         return cached(url, name, download), norm, None
@@ -130,14 +116,10 @@ def resolve(weights, download=True):
 
 def cached(url, name, download, hash_prefix=None):
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
-    if os.path.isfile(path):
-        return path
-    if not download:
+    if not download and not os.path.isfile(path):
         raise FileNotFoundError(f'{path} not found and downloads are off (--no-download): '
                                 f'fetch {url} to that path')
-    with locked(path):
-        if not os.path.isfile(path):  # else another run fetched it while this one waited
-            fetch(url, path, 'sha256', hash_prefix)
+    fetch(url, path, 'sha256', hash_prefix)
     return path
 
 
@@ -163,21 +145,27 @@ def locked(path):
 
 
 def fetch(url, path, algorithm='sha256', expected=None):
-    """Download url to path through path.part, its hash checked to start with `expected` before it is renamed;
-    under locked(path), first removing what killed runs left (path.part, torch.hub's path.part.*.partial)."""
-    tmp = f'{path}.part'
-    for p in glob.glob(glob.escape(tmp) + '*'):
-        os.remove(p)
-    try:
-        torch.hub.download_url_to_file(url, tmp, progress=True)
-        if expected and not (got := checksum(tmp, algorithm)).startswith(expected):
-            raise ValueError(f'{algorithm} {got} does not match the expected {expected}')
-        os.replace(tmp, path)
-    except Exception as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the network, "
-                      "or fetch the file to that path yourself") from None
+    """Download url to path unless it is there. Runs take turns (locked); the one that downloads first removes
+    what killed runs left (path.part, torch.hub's path.part.*.partial), then fetches to path.part and renames
+    it once its hash starts with `expected`."""
+    if os.path.isfile(path):
+        return
+    with locked(path):
+        if os.path.isfile(path):  # another run fetched it while this one waited its turn
+            return
+        tmp = f'{path}.part'
+        for p in glob.glob(glob.escape(tmp) + '*'):
+            os.remove(p)
+        try:
+            torch.hub.download_url_to_file(url, tmp, progress=True)
+            if expected and not (got := checksum(tmp, algorithm)).startswith(expected):
+                raise ValueError(f'{algorithm} {got} does not match the expected {expected}')
+            os.replace(tmp, path)
+        except Exception as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise OSError(f"download of {url} to {path} failed ({' '.join(str(e).split())}): check the "
+                          "network, or fetch the file to that path yourself") from None
 
 
 def checksum(path, algorithm='sha256'):
@@ -192,19 +180,15 @@ def _read(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin/.safetensors file "
                                 "or a weights name)")
-    if path.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
-                             "pip install safetensors") from None
-        load = load_file
-    else:
-        load = lambda p: torch.load(p, map_location='cpu', weights_only=True)
+    st = path.endswith('.safetensors')
     try:
-        sd = load(path)
+        if st:
+            from safetensors.torch import load_file
+        sd = load_file(path) if st else torch.load(path, map_location='cpu', weights_only=True)
+    except ImportError:
+        raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
+                         "pip install safetensors") from None
     except Exception as e:
-        st = path.endswith('.safetensors')
         what = 'not a readable safetensors file' if st else 'not a PyTorch checkpoint'
         raise ValueError(f"{path}: {what} ({type(e).__name__}); expected a state dict saved with torch.save "
                          "or safetensors") from e
@@ -222,8 +206,8 @@ def _to_ours(sd, src):
     sd = {re.sub(r'^(module\.|backbone\.)+', '', k): v for k, v in sd.items() if torch.is_tensor(v)}
     if 'conv_proj.weight' in sd or any(k.startswith('encoder.layers.') for k in sd):
         layout = 'torchvision'
-        for pat, rep in _TV_TO_OURS:
-            sd = {re.sub(pat, rep, k): v for k, v in sd.items()}
+        for part, ours in _TV_TO_OURS.items():
+            sd = {k.replace(part, ours): v for k, v in sd.items()}
     elif 'patch_embed.proj.weight' in sd or any(k.startswith('blocks.') for k in sd):
         layout = 'timm'
     else:
@@ -244,9 +228,8 @@ def _resize_pos(pe, n):
 
 
 def load_weights(model, weights, download=True):
-    """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path.
-    Sets model.mean, model.std (the input normalisation the weights expect) and model.weights_sha256 (of the
-    file read). Strict; the model is untouched on error."""
+    """weights: None (keep random init) | a BACKBONES name | torchvision enum name | checkpoint path. Strict;
+    sets model.mean, .std (the normalisation the weights expect), .weights_sha256; untouched on error."""
     if weights is None:
         return model
     weights = os.fspath(weights)
