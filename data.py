@@ -273,7 +273,7 @@ def _weights(start, length, n_in, n_out):
 
 
 def augment(x, boxes, flips, S):
-    """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to S×S, mirror where flips.
+    """(n,3,H,W) uint8 -> (n,3,S,S) float in [0,1]: crop each box, bilinear-resize to SxS, mirror where flips.
     Resizing is two small matmuls per image: exactly torchvision's crop-then-resize, fast on any device."""
     wy = _weights(boxes[:, 0], boxes[:, 2], x.shape[2], S) / 255  # (n,S,H), scaling to [0,1] for free
     wx = _weights(boxes[:, 1], boxes[:, 3], x.shape[3], S)        # (n,S,W)
