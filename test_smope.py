@@ -1448,14 +1448,14 @@ def test_train_bad_inputs(tmp_path, capsys):
                       (['--bogus'], 'unrecognized arguments'), (['--gate', 'relu'], 'invalid choice'),
                       (['--arch', 'tiny', '--weights', 'IMAGENET1K_V1'], '--weights needs'),
                       (['--dataset', 'cub200', '--hold', '3'], 'do not apply to cub200'),
-                      (['--split', 'random'], '--split applies to imagenet-r only')]:
+                      (['--split', 'random'], '--split applies to imagenet-r only'),
+                      (['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'no such file')]:
         with pytest.raises(SystemExit):
             train.main(FAST + argv)
         assert msg in capsys.readouterr().err
     out = str(tmp_path / 'x')
     checks = [(['--dataset', 'cifar100', '--data-dir', str(tmp_path / 'none'), '--weights', 'none', '--no-download'],
                'CIFAR-100 not found: expected'),
-              (FAST + ['--arch', 'vit_b_16', '--weights', str(tmp_path / 'missing.pth')], 'weights file not found'),
               (FAST + ['--lr', '1e30', '--out', out], 'loss is'),
               (FAST + ['--batch-size', '401', '--out', out], 'task 1 has 400 training images, fewer than one')]
     for argv, msg in checks:
@@ -1815,7 +1815,7 @@ def test_bad_flags_fail_before_any_work(argv, flag, tmp_path, monkeypatch, capsy
         code = e.code
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if 'error:' in line]
-    assert code == 2 and len(errors) == 1 and flag in errors[0], err
+    assert code == 2 and err.splitlines() == errors and len(errors) == 1 and flag in errors[0], err  # one line
     assert 'epoch' not in out and sorted(tmp_path.rglob('*')) == before and (tmp_path / 'FILE').read_text() == 'x'
 
 
@@ -2238,3 +2238,36 @@ def test_bench_counts(tmp_path, capsys):
         assert limit['ops'] < ours['ops'] < two['ops'] and ours['launches'] < ours['ops'] and ours['ms'] < two['ms']
     assert rows['ours bf16']['saved_mib'] < rows['ours fp32']['saved_mib'] and 'H100 SXM' in out
     assert all(k in out for k in rows) and json.loads((tmp_path / 'c.json').read_text()) == rows
+
+
+# --- review: checks that came after loading, and their order
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--ca-lr', '-1'], '--ca-lr'), (['--ca-lr', 'nan'], '--ca-lr'), (['--prompt-layers', '0'], '--prompt-layers'),
+    (['--prompt-layers', '5'], '--prompt-layers'),                     # the tiny demo ViT has 4 blocks
+    (['--arch', 'vit_b_16', '--weights', 'FILE.pth'], '--weights'), (['--arch', 'vit_b_16', '--weights', 'NOPE'], '--weights'),
+    (['--bogus'], '--bogus'),
+])
+def test_more_bad_flags_fail_first_in_one_line(argv, flag, tmp_path, monkeypatch, capsys):
+    test_bad_flags_fail_before_any_work([a.replace('FILE', str(tmp_path / 'missing')) for a in argv], flag, tmp_path,
+                                        monkeypatch, capsys)
+
+
+def test_resume_with_other_settings_and_a_busy_out_fail_first(base_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    out = tmp_path / 'run'
+    shutil.copytree(base_run[1], out)
+    monkeypatch.setattr(data, 'load', lambda *a, **k: pytest.fail('loaded before the settings were compared'))
+    assert train.main(FAST + ['--out', str(out), '--resume', '--lr', '0.1']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'other settings (lr: checkpoint 0.002, now 0.1)' in err
+    # a run holding the folder is named as such, not as "pass --resume" (the lock comes first)
+    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, sys, time; f = open(sys.argv[1], "a"); '
+                               'fcntl.lockf(f, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)',
+                               str(out / '.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        assert train.main(FAST + ['--out', str(out)]) == 2
+        assert 'is in use by another run' in capsys.readouterr().err
+    finally:
+        holder.kill()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import data
 from smope import SMoPE, attach
+import vit
 from vit import ViT, vit_b_16
 
 # SPEC.md section 8: the released scripts' hyperparameters, with section 6's schedule constants where the
@@ -56,6 +57,7 @@ STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'che
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(print(f'error: {message} (see --help)', file=sys.stderr) or 2)
     a = p.add_argument
     a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'cub200', 'synthetic'])
     a('--tasks', type=int, help='10 (synthetic: 5)')
@@ -67,8 +69,8 @@ def parse_args(argv=None):
     a('--lr', type=float, help='head lr; prompts get 5x')
     a('--iter-step', type=int, help="schedule entries per epoch (SPEC section 6): the released row's (at its "
       'task count and batch size), else ceil(task images / batch)')
-    a('--hold', type=int, help="entries at lr 1e-6 before the cosine: the released row's, else one epoch in "
-      '20 (as the ImageNet-R rows): round(iter_step x epochs / 20)')
+    a('--hold', type=int, help="entries at lr 1e-6 before the cosine: the released row's x epochs / 20, else "
+      'one epoch in 20 (as the ImageNet-R rows): round(iter_step x epochs / 20)')
     a('--experts', type=int, help='experts per layer and head (25)')
     a('--top-k', type=int, help='active experts per image (5)')
     a('--prompt-layers', type=int, help='prompted blocks, counted from the first (6)')
@@ -139,7 +141,8 @@ def parse_args(argv=None):
         p.error("--iter-step and --hold do not apply to cub200: its released schedule is a per-epoch cosine")
     if args.split != 'fixed' and args.dataset != 'imagenet-r':
         p.error('--split applies to imagenet-r only')
-    positive = 'tasks epochs batch_size eval_batch_size lr iter_step stop_after ca_ratio timeout'.split()
+    positive = ('tasks epochs batch_size eval_batch_size lr ca_lr iter_step stop_after ca_ratio timeout '
+                'prompt_layers').split()
     for k in positive + ['hold', 'ca_epochs', 'workers', 'eps', 'router_weight', 'proto_weight']:
         v, pos = getattr(args, k), k in positive
         if v is not None and not (v > 0 if pos else v >= 0):  # `not`: NaN fails too
@@ -147,6 +150,17 @@ def parse_args(argv=None):
     classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}[args.dataset]
     if classes % args.tasks:
         p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
+    depth = TINY['depth'] if args.arch == 'tiny' else 12
+    if args.prompt_layers > depth:
+        p.error(f'--prompt-layers {args.prompt_layers}: the {args.arch} backbone has {depth} blocks')
+    w = args.weights
+    if w and w not in vit.BACKBONES and not os.path.isfile(w):  # a file, else a torchvision enum name
+        if os.sep in w or os.path.splitext(w)[1]:
+            p.error(f'--weights {w}: no such file')
+        try:
+            vit._tv_weights(w)  # known without downloading anything
+        except ValueError as e:
+            p.error(f'--weights: {e}')
     return args
 
 
@@ -328,20 +342,39 @@ def together(world, device):
 
 
 def claim_out(args):
-    """(lock, created): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once."""
-    taken = [c for s in args.seeds if os.path.exists(c := os.path.join(args.out, f'seed{s}/checkpoint.pt'))]
-    if taken and not args.resume:
-        raise ValueError(f'{taken[0]} exists: pass --resume to continue it, or choose another --out')
+    """(lock, created): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once.
+    Before any download: a checkpoint there needs --resume and (by its metrics.json) the same settings."""
     created = not os.path.exists(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = open(os.path.join(args.out, '.lock'), 'a')
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
-    except BlockingIOError:
-        raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out')
     except OSError as e:
         raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
+    except OSError:  # EAGAIN or EACCES: another process holds it
+        lock.close()
+        raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out') \
+            from None
+    for seed in args.seeds:
+        folder = os.path.join(args.out, f'seed{seed}')
+        if os.path.exists(os.path.join(folder, 'checkpoint.pt')) and not args.resume:
+            lock.close()
+            raise ValueError(f'{folder}/checkpoint.pt exists: pass --resume to continue it, or choose '
+                             'another --out')
+        diff = []
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # else resume() judges it
+            with open(os.path.join(folder, 'metrics.json')) as f:
+                diff = config_diff(json.load(f)['config'], {k: getattr(args, k) for k in RESULT_KEYS})
+        if args.resume and diff:
+            lock.close()
+            raise ValueError(f"{folder}/checkpoint.pt was made with other settings ({'; '.join(diff)}): "
+                             'use the same flags or another --out')
     return lock, created
+
+
+def config_diff(saved, now):
+    return [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' for k, v in now.items() if saved.get(k) != v]
 
 
 def resume(r):
@@ -354,8 +387,7 @@ def resume(r):
         if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
             raise ValueError('its sha256 does not match its content')
         config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
-        diff = [f'{k}: checkpoint {config.get(k)!r}, now {v!r}' for k, v in r.metrics['config'].items()
-                if config.get(k) != v]
+        diff = config_diff(config, r.metrics['config'])
         if sha != r.metrics['weights_sha256']:
             diff.append(f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}')
         if not diff:
