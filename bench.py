@@ -134,7 +134,8 @@ def measure(args):
             if r >= args.warmup:
                 times[k].append(time.perf_counter() - t0)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in ['ba', ('b_ref', 'a'), 'ca', 'da', 'ef']}
+    pairs = [('b', 'a'), ('b_ref', 'a'), ('c', 'a'), ('d', 'a'), ('e', 'f')]
+    ratios = {f'{n}/{m}': ms[n] / ms[m] for n, m in pairs}
     params = {k: sum(p.numel() for p in m.parameters())
               for k, m in [('backbone', vit), ('prompt', prompt), ('head', head)]}
     info = pathlib.Path('/proc/cpuinfo').read_text().splitlines() if platform.system() == 'Linux' else []

@@ -365,8 +365,6 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
             try:
                 x = next(loader)
             except ValueError as e:  # a worker's error comes with its traceback in the message: keep our line
-                e.__traceback__ = None  # else a cycle through torch's reraise keeps the loader's workers (and
-                # their copy of train.py's lock on --out) alive until the garbage collector runs
                 raise ValueError(str(e).splitlines()[-1].removeprefix('ValueError: ')) from None
             if store is not None:
                 store.update((k, xk.clone()) for (k, _), xk in zip(b, x))

@@ -155,7 +155,7 @@ def parse_args(argv=None):
         p.error(f'--prompt-layers {args.prompt_layers}: the {args.arch} backbone has {depth} blocks')
     w = args.weights
     if w and w not in vit.BACKBONES and not os.path.isfile(w):  # a file, else a torchvision enum name
-        if os.sep in w or os.path.splitext(w)[1]:
+        if not vit.enum_name(w):
             p.error(f'--weights {w}: no such file')
         try:
             vit._tv_weights(w)  # known without downloading anything
@@ -295,6 +295,8 @@ def setup(args, seed, rank, world, device):
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], task_usage=[],
                    step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
+                   peak_memory='per task, CUDA allocator' if device.type == 'cuda' else
+                   'process peak RSS so far',
                    config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
                    trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    prompt_params=prompt.keys.numel() + prompt.values.numel())
@@ -496,8 +498,9 @@ def usage_pass(r, task):
             all_sum(prompt.hits, r.world)
             prompt.end_usage_pass()
     prompt.counting = False
-    all_sum(prompt.hits, r.world)
-    prompt.end_usage_pass()
+    if not released:
+        all_sum(prompt.hits, r.world)
+        prompt.end_usage_pass()
 
 
 def class_statistics(r, task):
@@ -560,7 +563,6 @@ def record(r, task, row, seconds, images_per_second):
     m['task_seconds'].append(seconds)
     m['images_per_second'].append(images_per_second)
     m['peak_memory_mb'].append(peak_memory_mb(r.device))
-    m['peak_memory'] = 'per task, CUDA allocator' if r.device.type == 'cuda' else 'process peak RSS so far'
     usage = r.model.prompt.usage.cpu()
     m['task_usage'].append((usage - torch.tensor(m.get('usage', 0))).sum(1).tolist())  # (L, E) this task's
     m.update(summarise(m['acc']), usage=usage.tolist())

@@ -101,12 +101,16 @@ def _tv_weights(name):
     return W[name], tuple(t.mean), tuple(t.std)
 
 
+def enum_name(weights):  # not a path: a torchvision enum name such as IMAGENET1K_V1
+    return not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights
+
+
 def resolve(weights, download=True):
     """weights name or path -> (local file, (mean, std) or None: by key layout, sha256 prefix or None)."""
     if weights in BACKBONES:
         url, name, norm = BACKBONES[weights]
         return cached(url, name, download), norm, None
-    if not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights:
+    if enum_name(weights):
         enum, mean, std = _tv_weights(weights)
         name = os.path.basename(enum.url)  # e.g. vit_b_16-c867db91.pth: torch.hub's sha256-prefix convention
         prefix = re.search(r'-([0-9a-f]{6,})\.', name)
