@@ -281,8 +281,17 @@ def run(args, seed, rank, world, device):
 
 
 def setup(args, seed, rank, world, device):
-    """Data, backbone (both downloaded when missing, before anything is written), prompt, head, generators."""
-    train_set, test_set, vit = load_in_turn(args, seed, rank, world, device)
+    """Data, backbone (both downloaded when missing, before anything is written), prompt, head, generators.
+    Under torchrun the ranks take turns loading, so that no two download into the same files: rank 0, then the
+    first rank of every other machine (whose disk may be its own), then the rest."""
+    turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
+    for k in range(3):  # after each turn all ranks agree that it went well
+        with together(world, device):
+            if k == turn:
+                download = args.download and turn < 2
+                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
+                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
+                vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
     model = Learner(vit, prompt, C).to(device)
@@ -310,20 +319,6 @@ def setup(args, seed, rank, world, device):
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
     return r
-
-
-def load_in_turn(args, seed, rank, world, device):
-    """Data set and backbone. Under torchrun the ranks take turns so that no two download into the same files:
-    rank 0, then the first rank of every other machine (whose disk may be its own), then the rest."""
-    turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
-    for k in range(3):  # after each turn all ranks agree that it went well
-        with together(world, device):
-            if k == turn:
-                download = args.download and turn < 2
-                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
-                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
-                vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
-    return train_set, test_set, vit
 
 
 @contextlib.contextmanager
@@ -558,17 +553,22 @@ def evaluate(r, task):
 
 
 def record(r, task, row, seconds, images_per_second):
-    m = r.metrics
+    m, prompt = r.metrics, r.model.prompt
     m['acc'].append(row)
     m['task_seconds'].append(seconds)
     m['images_per_second'].append(images_per_second)
     m['peak_memory_mb'].append(peak_memory_mb(r.device))
-    usage = r.model.prompt.usage.cpu()
+    usage = prompt.usage.cpu()
     m['task_usage'].append((usage - torch.tensor(m.get('usage', 0))).sum(1).tolist())  # (L, E) this task's
     m.update(summarise(m['acc']), usage=usage.tolist())
     r.log(f'task {task.t + 1}/{r.args.tasks} done in {seconds:.0f}s: accuracy per task '
           f'{" ".join(f"{a:.1f}" for a in row)} | average {sum(row) / len(row):.2f}')
-    r.log(usage_line(r.model.prompt))
+    used = (prompt.usage > 0).sum(-1).float()  # (L, H)
+    top = prompt.usage_shares().amax(-1)       # (L, H)
+    freq = prompt.frequent.sum(-1).float()     # (L, H)
+    r.log(f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, '
+          'frequent set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
+                                         f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
 
 
 def save_checkpoint(r, task):
@@ -585,15 +585,18 @@ def save_checkpoint(r, task):
 
 def finish(r):
     """The accuracy matrix, the time of each protocol step and the peak memory; metrics.json gets them too."""
-    if not r.metrics['acc']:
+    m = r.metrics
+    if not m['acc']:
         return
-    log_matrix(r.metrics['acc'], r.log)
-    steps = r.metrics['step_seconds']
-    peak = max(r.metrics['peak_memory_mb']) / 1024
+    r.log('accuracy matrix (row = after task t, column = task i):')
+    for row in m['acc']:
+        r.log('  ' + ' '.join(f'{a:6.2f}' for a in row))
+    r.log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}")
+    steps, peak = m['step_seconds'], max(m['peak_memory_mb']) / 1024
     r.log('time per protocol step: ' + ' | '.join(f'{k} {v:.1f}s' for k, v in steps.items()) +
           f' | total {sum(steps.values()):.1f}s; peak memory {peak:.2f} GiB')
     if r.rank == 0:
-        atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
+        atomic_save(m, os.path.join(r.out, 'metrics.json'), json_too=True)
         if importlib.util.find_spec('matplotlib') is None:  # plot() skipped them after every task
             r.log('accuracy.png and usage.png skipped: matplotlib is not installed (pip install matplotlib)')
 
@@ -637,7 +640,7 @@ def summarise(acc):
 
 
 # -----------------------------------------------------------------------------
-# instrumentation: step times, memory, expert usage, the accuracy matrix and the pictures
+# instrumentation: step times, memory and the pictures
 
 @contextlib.contextmanager
 def timed(r, step):
@@ -656,23 +659,6 @@ def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task
     peak = torch.cuda.max_memory_allocated(device) / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     return peak
-
-
-def usage_line(prompt):
-    used = (prompt.usage > 0).sum(-1).float()  # (L, H)
-    top = prompt.usage_shares().amax(-1)       # (L, H)
-    freq = prompt.frequent.sum(-1).float()     # (L, H)
-    return (f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, '
-            'frequent set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
-                                           f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
-
-
-def log_matrix(acc, log):
-    log('accuracy matrix (row = after task t, column = task i):')
-    for row in acc:
-        log('  ' + ' '.join(f'{a:6.2f}' for a in row))
-    m = summarise(acc)
-    log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}")
 
 
 def plot(r):
