@@ -1574,6 +1574,22 @@ def test_usage_picture_and_missing_matplotlib(base_run, tmp_path, monkeypatch, c
     assert not list(Path(tmp_path, 'run', 'seed0').glob('*.png'))
 
 
+def test_failed_picture_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A full disk while accuracy.png is written: one line, no *.tmp left, task 1's checkpoint kept."""
+    figure = pytest.importorskip('matplotlib.figure')
+
+    def full_disk(fig, path, *a, **k):
+        Path(path).write_bytes(b'x' * 1000)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(figure.Figure, 'savefig', full_disk)
+    out = tmp_path / 'run'
+    assert train.main(FAST + ['--out', str(out), '--stop-after', '1']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: cannot write {out / "seed0" / "accuracy.png"} (') and err.count('\n') == 1
+    assert sorted(p.name for p in (out / 'seed0').iterdir()) == ['checkpoint.pt', 'metrics.json']
+    assert torch.load(out / 'seed0' / 'checkpoint.pt', weights_only=False)['task'] == 1
+
+
 def spec_targets(text):
     """SPEC.md's numbered headings '## N. Title', the steps '1.' .. of section 6, and labels '(Eq. N)'."""
     sections, steps, section = set(), set(), None

@@ -579,7 +579,7 @@ def save_checkpoint(r, task):
         state = dict(prompt=r.model.prompt.state_dict(), head=r.model.head.state_dict(), stats=r.stats,
                      metrics=r.metrics, task=task.t + 1, gen=r.gen.get_state(), ca_gen=r.ca_gen.get_state())
         atomic_save(dict(state, sha256=digest(state)), r.checkpoint)
-        atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'), json_too=True)
+        atomic_save(r.metrics, os.path.join(r.out, 'metrics.json'))
         plot(r)  # after every task, so a long run can be watched
 
 
@@ -596,7 +596,7 @@ def finish(r):
     r.log('time per protocol step: ' + ' | '.join(f'{k} {v:.1f}s' for k, v in steps.items()) +
           f' | total {sum(steps.values()):.1f}s; peak memory {peak:.2f} GiB')
     if r.rank == 0:
-        atomic_save(m, os.path.join(r.out, 'metrics.json'), json_too=True)
+        atomic_save(m, os.path.join(r.out, 'metrics.json'))
         if importlib.util.find_spec('matplotlib') is None:  # plot() skipped them after every task
             r.log('accuracy.png and usage.png skipped: matplotlib is not installed (pip install matplotlib)')
 
@@ -610,12 +610,15 @@ def all_sum(t, world):
     return t
 
 
-def atomic_save(obj, path, json_too=False):
+def atomic_save(obj, path):
+    """obj to path by its suffix (.json: JSON, .png: a matplotlib figure, else torch.save), through path.tmp."""
     tmp = path + '.tmp'
     try:
-        if json_too:
+        if path.endswith('.json'):
             with open(tmp, 'w') as f:
                 json.dump(obj, f, indent=1)
+        elif path.endswith('.png'):
+            obj.savefig(tmp, format='png', dpi=100, bbox_inches='tight')
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
@@ -681,7 +684,8 @@ def plot(r):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
                     color='w' if acc[t][i] < 60 else 'k')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
-    save_figure(plt, fig, os.path.join(r.out, 'accuracy.png'))
+    atomic_save(fig, os.path.join(r.out, 'accuracy.png'))
+    plt.close(fig)
     hits = torch.tensor(r.metrics['task_usage'], dtype=torch.float64)  # (T, L, E)
     L, E = hits.shape[1:]
     share = r.model.prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
@@ -698,13 +702,8 @@ def plot(r):
     axes[0, 0].set_title('top-K hits per expert (heads summed), stacked by task; \u25bc in U')
     axes[-1, 0].set_xlabel('expert')
     axes[0, 0].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
-    save_figure(plt, fig, os.path.join(r.out, 'usage.png'))
-
-
-def save_figure(plt, fig, path):
-    fig.savefig(path + '.tmp.png', dpi=100, bbox_inches='tight')
+    atomic_save(fig, os.path.join(r.out, 'usage.png'))
     plt.close(fig)
-    os.replace(path + '.tmp.png', path)
 
 
 def main(argv=None):
@@ -744,7 +743,7 @@ def main(argv=None):
                 v = torch.tensor([m[k] for m in done], dtype=torch.float64)
                 summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
                 print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {args.seeds}")
-            atomic_save(summary, os.path.join(args.out, 'summary.json'), json_too=True)
+            atomic_save(summary, os.path.join(args.out, 'summary.json'))
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, failed downloads
         print(f'error: {e}', file=sys.stderr)
         return 2
