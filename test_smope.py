@@ -2243,6 +2243,113 @@ def test_training_loss_is_one_graph(base_run, tmp_path, monkeypatch):
     assert m['acc'] == base_run[0]['acc'][:3]
 
 
+class OnGPU(torch.Tensor):
+    """A host tensor that reports cuda:0; its data and autograd are the host tensor's."""
+
+
+class PretendGPU(torch.overrides.TorchFunctionMode):
+    """--device cuda on a machine without a GPU. Tensors made on or moved to 'cuda' become OnGPU, and so does what
+    is computed from them. What a GPU would refuse goes to `mixed`: an op between OnGPU and host tensors that are
+    not 0-dim (indexing with host indices and copies excepted, as on CUDA), a CPU generator drawing on the device.
+    Every host read of an OnGPU tensor (.cpu(), .item(), .tolist(), bool(), formatting) goes to `events`."""
+    READS = ('item', 'tolist', 'numpy', '__bool__', '__int__', '__float__', '__index__', '__format__')
+
+    def __init__(self):
+        super().__init__()
+        self.mixed, self.events = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name = dict(kwargs or {}), getattr(func, '__name__', '')
+        base = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        on = isinstance(base, OnGPU)
+        if on and func in (torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__):
+            return torch.device('cuda', 0) if func == torch.Tensor.device.__get__ else True
+        if name in ('pin_memory', 'is_pinned'):  # page-locking host memory needs a driver: taken as done
+            return base if name == 'pin_memory' else True
+        if name in ('to', 'cuda', 'cpu'):
+            target, dtype, _, fmt = (torch._C._nn._parse_to(*args[1:], **kwargs) if name == 'to' else
+                                     (torch.device(name), None, None, None))
+            with torch._C.DisableTorchFunctionSubclass():
+                out = base.to(dtype=dtype or base.dtype, memory_format=fmt or torch.preserve_format)
+            if target is not None and torch.device(target).type == 'cpu' and on:
+                self.events.append(name)
+                return out.as_subclass(torch.Tensor)
+            return out.as_subclass(OnGPU) if on or target is not None and torch.device(target).type == 'cuda' else out
+        if on and name in self.READS:
+            self.events.append(name)
+            args = (base.as_subclass(torch.Tensor), *args[1:])
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        made_there = kwargs.get('device') is not None and torch.device(kwargs['device']).type == 'cuda'
+        there = made_there or any(isinstance(a, OnGPU) for a in flat)
+        if kwargs.get('device') is not None:
+            kwargs['device'] = 'cpu'
+        if there and name not in ('copy_', '__getitem__', '_has_compatible_shallow_copy_type'):
+            host = [tuple(a.shape) for a in flat if not isinstance(a, OnGPU) and a.dim() > 0]
+            if host or kwargs.get('generator') is not None and kwargs['generator'].device.type != 'cuda':
+                self.mixed.append((name, host or 'a CPU generator'))
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        return torch.utils._pytree.tree_map(lambda t: t.as_subclass(OnGPU) if type(t) is torch.Tensor else t,
+                                            out) if there else out
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """What torch asks of a CUDA driver outside tensor ops, answered as a GPU machine would."""
+    monkeypatch.setattr(torch.cuda, '_initialized', True)  # factories with device='cuda' reach the mode
+    for fn, value in [('is_available', True), ('synchronize', None), ('max_memory_allocated', 0),
+                      ('reset_peak_memory_stats', None)]:
+        monkeypatch.setattr(torch.cuda, fn, lambda *a, value=value: value)
+    monkeypatch.setattr(torch.optim.Optimizer, '_accelerator_graph_capture_health_check', lambda self: None,
+                        raising=False)  # torch 2.14: asks the driver whether a graph is being captured
+    monkeypatch.setattr(torch.__future__, '_overwrite_module_params_on_conversion', True)  # .to(): new Parameters
+    load = torch.load  # a checkpoint's OnGPU tensors come back OnGPU: map_location='cuda' would ask the driver
+    monkeypatch.setattr(torch, 'load', lambda f, map_location=None, **kw: load(f, map_location='cpu', **kw))
+    return PretendGPU()
+
+
+def test_pretend_gpu_sees_what_a_gpu_refuses(pretend_gpu):
+    g = torch.Generator().manual_seed(0)
+    with pretend_gpu:
+        a, host = torch.ones(3, device='cuda'), torch.ones(3)
+        assert a.device.type == 'cuda' and (a * 2 + torch.tensor(1.0)).is_cuda and not host.is_cuda
+        assert (a[torch.tensor([0, 2])] + a.to('cuda')[1:]).is_cuda and pretend_gpu.mixed == []
+        a + host, a.index_add_(0, torch.tensor([0]), torch.ones(1, device='cuda'))
+        torch.randperm(3, generator=g, device='cuda')
+        assert [m[0] for m in pretend_gpu.mixed] == ['add', 'index_add_', 'randperm']
+        assert f'{a.sum():.0f}' == '4' and a.tolist() == [2.0, 1.0, 1.0] and not a.cpu().is_cuda
+        assert pretend_gpu.events == ['__format__', 'tolist', 'cpu']
+
+
+CUB_TINY = ['--dataset', 'cub200', '--arch', 'tiny', '--weights', 'none', '--prompt-layers', '2', '--epochs', '1',
+            '--batch-size', '2', '--ca-epochs', '1', '--workers', '0', '--no-download']
+
+
+@pytest.mark.parametrize('dataset', ['synthetic', 'cub200'])
+def test_the_whole_protocol_on_a_pretend_gpu(dataset, cub_dir, tmp_path, pretend_gpu, monkeypatch):
+    """train.py --device cuda, run and resumed on a pretend GPU (PretendGPU; its fused AdamW is CPU's), with images
+    held as one tensor (synthetic) and as JPEG files (CUB-200 in its layout, DataLoader without workers): every
+    parameter, buffer, label and statistic is on the device, no op mixes devices or draws from a CPU generator on
+    it, and within an epoch nothing reads the device from the host between one step's loss and the next (not even
+    a .tolist() or a print). bf16 autocast, which changes dtypes only, stays off: it would query the driver."""
+    held, step_loss, setup = [], train.step_loss, train.setup
+    monkeypatch.setattr(train, 'step_loss', lambda *a, **kw: pretend_gpu.events.append('STEP') or step_loss(*a, **kw))
+    monkeypatch.setattr(train, 'setup', lambda *a: held.append(setup(*a)) or held[-1])
+    args = FAST if dataset == 'synthetic' else CUB_TINY + ['--data-dir', str(cub_dir)]
+    cuda = args + ['--device', 'cuda', '--precision', 'fp32', '--out', str(tmp_path / 'run')]
+    with pretend_gpu:
+        assert train.main(cuda + ['--stop-after', '2']) == 0 and train.main(cuda + ['--resume']) == 0
+    r = held[-1]
+    assert r.device.type == 'cuda' and r.feed['device'].type == 'cuda'
+    assert all(type(t) is OnGPU for t in [*r.model.state_dict().values(), r.y_train, r.y_test, *r.stats.values()])
+    assert pretend_gpu.mixed == []
+    phases, steps = (1 + 5, 400 // 32) if dataset == 'synthetic' else (1 + 10, 4 // 2)  # task 1 has a warm-up
+    after_step = ' '.join(pretend_gpu.events).split('STEP')[1:]  # what the host read after each step's loss
+    assert len(after_step) == phases * steps and sum(e.strip() == '' for e in after_step) == phases * (steps - 1)
+    m = json.loads((tmp_path / 'run' / 'seed0' / 'metrics.json').read_text())
+    assert len(m['acc']) == r.args.tasks and (m['faa'] > 10 or dataset == 'cub200')  # synthetic: it learns
+
+
 def test_bench_counts(tmp_path, capsys):
     """bench.py --counts on fake tensors (ViT-B/16 at batch 32 costs nothing): a consistent table."""
     rows = bench.main(['--counts', '--batch-size', '32', '--json', str(tmp_path / 'c.json')])
@@ -2287,3 +2394,4 @@ def test_resume_with_other_settings_and_a_busy_out_fail_first(base_run, tmp_path
         assert 'is in use by another run' in capsys.readouterr().err
     finally:
         holder.kill()
+
