@@ -2300,8 +2300,8 @@ def pretend_gpu(monkeypatch):
     for fn, value in [('is_available', True), ('synchronize', None), ('max_memory_allocated', 0),
                       ('reset_peak_memory_stats', None)]:
         monkeypatch.setattr(torch.cuda, fn, lambda *a, value=value: value)
-    monkeypatch.setattr(torch.optim.Optimizer, '_accelerator_graph_capture_health_check', lambda self: None,
-                        raising=False)  # torch 2.14: asks the driver whether a graph is being captured
+    for name in ('_accelerator_graph_capture_health_check', '_cuda_graph_capture_health_check'):  # new, old torch
+        monkeypatch.setattr(torch.optim.Optimizer, name, lambda self: None, raising=False)  # asks the driver
     monkeypatch.setattr(torch.__future__, '_overwrite_module_params_on_conversion', True)  # .to(): new Parameters
     load = torch.load  # a checkpoint's OnGPU tensors come back OnGPU: map_location='cuda' would ask the driver
     monkeypatch.setattr(torch, 'load', lambda f, map_location=None, **kw: load(f, map_location='cpu', **kw))
