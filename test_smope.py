@@ -1813,6 +1813,7 @@ ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0  # root writes into read-onl
     (['--workers', '-1'], '--workers'), (['--eps', '-0.1'], '--eps'), (['--router-weight', '-1'], '--router-weight'),
     (['--proto-weight', '-0.1'], '--proto-weight'), (['--timeout', '0'], '--timeout'),
     pytest.param(['--device', 'cuda'], '--device', marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU')),
+    (['--device', 'gpu'], '--device'), (['--device', 'cuda:x'], '--device'), (['--device', 'cuda:99'], '--device'),
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
     """Each: exit 2 with one `error:` line naming the flag, before anything is loaded, downloaded, trained or
@@ -2297,14 +2298,26 @@ class PretendGPU(torch.overrides.TorchFunctionMode):
 def pretend_gpu(monkeypatch):
     """What torch asks of a CUDA driver outside tensor ops, answered as a GPU machine would."""
     monkeypatch.setattr(torch.cuda, '_initialized', True)  # factories with device='cuda' reach the mode
-    for fn, value in [('is_available', True), ('synchronize', None), ('max_memory_allocated', 0),
-                      ('reset_peak_memory_stats', None)]:
+    for fn, value in [('is_available', True), ('device_count', 1), ('synchronize', None),
+                      ('max_memory_allocated', 0), ('reset_peak_memory_stats', None)]:
         monkeypatch.setattr(torch.cuda, fn, lambda *a, value=value: value)
     for name in ('_accelerator_graph_capture_health_check', '_cuda_graph_capture_health_check'):  # new, old torch
         monkeypatch.setattr(torch.optim.Optimizer, name, lambda self: None, raising=False)  # asks the driver
     monkeypatch.setattr(torch.__future__, '_overwrite_module_params_on_conversion', True)  # .to(): new Parameters
-    load = torch.load  # a checkpoint's OnGPU tensors come back OnGPU: map_location='cuda' would ask the driver
-    monkeypatch.setattr(torch, 'load', lambda f, map_location=None, **kw: load(f, map_location='cpu', **kw))
+    load = torch.load
+
+    def load_to(f, map_location=None, **kw):  # map_location='cuda' puts every tensor there, 'cpu' on the host
+        there = map_location is not None and torch.device(map_location).type == 'cuda'
+        return torch.utils._pytree.tree_map(lambda t: t.as_subclass(OnGPU if there else torch.Tensor)
+                                            if isinstance(t, torch.Tensor) else t, load(f, 'cpu', **kw))
+
+    class Generator(torch.Generator):
+        def set_state(self, state):  # as torch does for a CPU generator given a state on the GPU
+            if isinstance(state, OnGPU):
+                raise TypeError('RNG state must be a torch.ByteTensor')
+            return super().set_state(state)
+    monkeypatch.setattr(torch, 'load', load_to)
+    monkeypatch.setattr(torch, 'Generator', Generator)
     return PretendGPU()
 
 
@@ -2348,6 +2361,19 @@ def test_the_whole_protocol_on_a_pretend_gpu(dataset, cub_dir, tmp_path, pretend
     assert len(after_step) == phases * steps and sum(e.strip() == '' for e in after_step) == phases * (steps - 1)
     m = json.loads((tmp_path / 'run' / 'seed0' / 'metrics.json').read_text())
     assert len(m['acc']) == r.args.tasks and (m['faa'] > 10 or dataset == 'cub200')  # synthetic: it learns
+
+
+def test_a_chosen_gpu_is_the_current_one(tmp_path, pretend_gpu, monkeypatch, capsys):
+    """--device cuda:1 makes GPU 1 the current device (timing, pinned copies); a GPU this machine lacks is one line."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    with pretend_gpu:
+        assert train.main(FAST + ['--device', 'cuda:1', '--precision', 'fp32', '--stop-after', '1',
+                                  '--out', str(tmp_path / 'run')]) == 0
+        assert train.main(FAST + ['--device', 'cuda:2', '--out', str(tmp_path / 'other')]) == 2
+    assert chosen == [torch.device('cuda', 1)] and pretend_gpu.mixed == []
+    assert capsys.readouterr().err == 'error: --device cuda:2: torch finds 2 CUDA GPU(s) here, cuda:0 to cuda:1\n'
 
 
 def test_bench_counts(tmp_path, capsys):

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -50,7 +51,7 @@ TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192
 RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight',
                'proto_weight', 'ca_epochs', 'ca_ratio', 'ca_lr', 'iter_step', 'hold', 'gate', 'weights',
                'normalize', 'arch', 'prompt_layers', 'split', 'augment', 'dense', 'warmup', 'ca', 'precision',
-               'paper', 'released_quirks',  # --paper: strict fp32 on CUDA, no TF32
+               'paper', 'released_quirks',  # --paper: fp32 on CUDA without TF32 matmuls
                'eval_batch_size']  # with augmentation on, the usage/statistics passes draw crops per batch
 STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'checkpointing')  # SPEC section 6
 
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     a('--data-dir', default='data')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
     a('--out', help='run folder (default runs/<dataset>-<tasks>)')
-    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     a('--precision', choices=['auto', 'bf16', 'fp32'], help='auto (default): bf16 autocast on CUDA, fp32 on '
       'CPU; fp32 on CUDA allows TF32 matmuls (not with --paper). Routing always runs in fp32')
     a('--compile', action='store_true', help='torch.compile the training loss (one graph) and the backbone')
@@ -110,6 +111,8 @@ def parse_args(argv=None):
     a('--no-warmup', dest='warmup', action='store_false', help='ablation: no task-1 dense warm-up')
     a('--no-ca', dest='ca', action='store_false', help='ablation: no classifier alignment')
     args = p.parse_args(argv)
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+        p.error(f'--device {args.device}: give cpu, cuda or cuda:N')
     if args.paper and args.dataset not in RELEASED_BACKBONE:
         p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
     args.tasks = (5 if args.dataset == 'synthetic' else 10) if args.tasks is None else args.tasks
@@ -380,7 +383,7 @@ def resume(r):
         r.log(f'{r.checkpoint} does not exist: starting from task 1')
         return 0
     try:
-        ck = torch.load(r.checkpoint, map_location=r.device, weights_only=False)
+        ck = torch.load(r.checkpoint, map_location='cpu', weights_only=False)  # generator states: host only
         if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
             raise ValueError('its sha256 does not match its content')
         config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
@@ -390,7 +393,8 @@ def resume(r):
         if not diff:
             r.model.prompt.load_state_dict(ck['prompt'])
             r.model.head.load_state_dict(ck['head'])
-            r.stats, r.metrics, task = ck['stats'], ck['metrics'], ck['task']
+            r.metrics, task = ck['metrics'], ck['task']
+            r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
             r.gen.set_state(ck['gen'])
             r.ca_gen.set_state(ck['ca_gen'])
     except Exception as e:
@@ -611,7 +615,7 @@ def all_sum(t, world):
 
 
 def atomic_save(obj, path):
-    """obj to path by its suffix (.json: JSON, .png: a matplotlib figure, else torch.save), through path.tmp."""
+    """obj to path, by its suffix (.json, .png: a matplotlib figure, else torch.save), through path.tmp."""
     tmp = path + '.tmp'
     try:
         if path.endswith('.json'):
@@ -714,21 +718,23 @@ def main(argv=None):
         if args.batch_size < world:
             raise ValueError(f'--batch-size {args.batch_size} is the global batch: it must be at least the '
                              f'{world} processes')
-        if args.device.startswith('cuda') and not torch.cuda.is_available():
-            raise ValueError(f'--device {args.device}: torch finds no CUDA GPU here: use --device cpu')
+        device, gpus = torch.device(args.device), torch.cuda.device_count()
+        if device.type == 'cuda' and world > 1:  # torchrun: the process's own GPU
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        if device.type == 'cuda' and (device.index or 0) >= gpus:
+            raise ValueError(f'--device {device}: torch finds ' + (f'{gpus} CUDA GPU(s) here, cuda:0 to '
+                             f'cuda:{gpus - 1}' if gpus else 'no CUDA GPU here: use --device cpu'))
         if args.workers is None:  # the cores this process may use, shared by this machine's ranks, less one
             cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
             args.workers = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
         if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
             print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
                   f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
-        device = torch.device(args.device)
         if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
             torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
+        if device.type == 'cuda' and device.index is not None:  # GPU N: timing and pinned copies there too
+            torch.cuda.set_device(device)
         if world > 1:
-            if device.type == 'cuda':
-                device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-                torch.cuda.set_device(device)
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                     timeout=timedelta(minutes=args.timeout))
         with together(world, device):  # what the file system can tell before any download
