@@ -20,6 +20,7 @@ FLOPs / (peak x share reached) + launches x launch cost; memory = weights, gradi
 import argparse
 import copy
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -52,6 +53,11 @@ def parse_args(argv=None):
     a('--gpu', default='H100 SXM,989,495,0.5,4,80', help='--counts: name, dense peak TFLOP/s in bf16 and '
       'TF32, fraction of the peak reached, GPU time per launch (us; gap and tail), memory (GiB)')
     args = p.parse_args(argv)
+    for k in ('batch_size', 'repeats', 'warmup', 'threads'):
+        if (v := getattr(args, k)) is not None and v < (k != 'warmup'):
+            p.error(f"--{k.replace('_', '-')} must be at least {int(k != 'warmup')}, got {v}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f'--json {args.json}: no such folder')
     args.router_weight = args.proto_weight = 1e-5  # e's loss weights (train.step_loss reads them)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1

@@ -2395,7 +2395,8 @@ def test_bench_counts(tmp_path, capsys):
     (['--ca-lr', '-1'], '--ca-lr'), (['--ca-lr', 'nan'], '--ca-lr'), (['--prompt-layers', '0'], '--prompt-layers'),
     (['--prompt-layers', '5'], '--prompt-layers'),                     # the tiny demo ViT has 4 blocks
     (['--arch', 'vit_b_16', '--weights', 'FILE.pth'], '--weights'), (['--arch', 'vit_b_16', '--weights', 'NOPE'], '--weights'),
-    (['--bogus'], '--bogus'),
+    (['--bogus'], '--bogus'), (['--lr', 'inf'], '--lr'), (['--eps', 'inf'], '--eps'), (['--timeout', 'inf'], '--timeout'),
+    (['--timeout', '1e300'], '--timeout'), (['--seeds', '0', '0'], '--seeds'), (['--seeds', str(2**64)], '--seeds'),
 ])
 def test_more_bad_flags_fail_first_in_one_line(argv, flag, tmp_path, monkeypatch, capsys):
     test_bad_flags_fail_before_any_work([a.replace('FILE', str(tmp_path / 'missing')) for a in argv], flag, tmp_path,
@@ -2421,3 +2422,63 @@ def test_resume_with_other_settings_and_a_busy_out_fail_first(base_run, tmp_path
     finally:
         holder.kill()
 
+
+
+# --- an attacker's second round: faults found after the pretend GPU
+
+def test_diverged_alignment_stops_before_its_checkpoint(tmp_path, capsys):
+    """A non-finite head after classifier alignment is one line naming --ca-lr, and task 1's checkpoint stays."""
+    out = tmp_path / 'run'
+    assert train.main(FAST + ['--out', str(out), '--ca-lr', '1e20']) == 2
+    ckpt = out / 'seed0' / 'checkpoint.pt'
+    assert capsys.readouterr().err == (f'error: classifier alignment diverged at task 2 (a non-finite head): '
+                                       f'lower --ca-lr; {ckpt} holds the last completed task\n')
+    ck = torch.load(ckpt, weights_only=False)
+    assert ck['task'] == 1 and all(v.isfinite().all() for v in ck['head'].values())
+
+
+def test_seeds_summary_and_odd_run_folders(base_run, tmp_path, capsys):
+    """summary.json names the seeds it averages (those that completed); a file where a seed folder goes is one
+    line before any work; a hand-broken metrics.json does not stop a resume (the checkpoint decides); a stopped
+    run's FAA says after which task."""
+    import shutil
+    out = tmp_path / 'run'
+    shutil.copytree(base_run[1], out)                                         # seed 0: complete
+    assert train.main(FAST + ['--out', str(out), '--seeds', '0', '1', '2', '--resume', '--stop-after', '2']) == 0
+    assert 'over seeds' not in capsys.readouterr().out and not (out / 'summary.json').exists()  # one complete
+    assert train.main(FAST + ['--out', str(out), '--seeds', '0', '1', '--resume']) == 0
+    summary, said = json.loads((out / 'summary.json').read_text()), capsys.readouterr().out
+    assert summary['seeds'] == [0, 1] and len(summary['faa']['per_seed']) == 2 and 'over seeds [0, 1]' in said
+    assert 'FAA' in said and '(after task' not in said
+    (out / 'seed2' / 'metrics.json').write_text('{"config": null}')
+    assert train.main(FAST + ['--out', str(out), '--seeds', '2', '--resume', '--stop-after', '3']) == 0
+    assert 'FAA' in (said := capsys.readouterr().out) and '(after task 3 of 5)' in said
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'seed0').write_text('precious')
+    assert train.main(FAST + ['--out', str(tmp_path / 'other')]) == 2
+    assert capsys.readouterr().err == f'error: {tmp_path / "other" / "seed0"} is not a folder: move it away, or ' \
+                                      'choose another --out\n'
+    assert (tmp_path / 'other' / 'seed0').read_text() == 'precious'
+
+
+def test_a_bad_weights_file_is_read_before_any_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'bad.pth').write_bytes(b'not a checkpoint')
+    monkeypatch.setattr(data, 'load', lambda *a, **k: pytest.fail('data loaded before the weights file was read'))
+    assert train.main(FAST + ['--arch', 'vit_b_16', '--prompt-layers', '2', '--weights', str(tmp_path / 'bad.pth'),
+                              '--out', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {tmp_path / "bad.pth"}: not a PyTorch checkpoint') and err.count('\n') == 1
+    assert not (tmp_path / 'run').exists()
+
+
+def test_top_k_equal_to_experts_says_dense(tmp_path, capsys):
+    run_train(tmp_path, '--top-k', '8', '--stop-after', '1')
+    assert '--top-k 8 = --experts: dense mode (no routing, usage counts or prototype loss)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv', [['--repeats', '0'], ['--warmup', '-1'], ['--batch-size', '-1'], ['--threads', '0'],
+                                  ['--json', '/nonexistent/x.json'], ['--quick', '--batch-size', '0']])
+def test_bench_bad_flags(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and argv[-2] in capsys.readouterr().err

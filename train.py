@@ -148,8 +148,12 @@ def parse_args(argv=None):
                 'prompt_layers').split()
     for k in positive + ['hold', 'ca_epochs', 'workers', 'eps', 'router_weight', 'proto_weight']:
         v, pos = getattr(args, k), k in positive
-        if v is not None and not (v > 0 if pos else v >= 0):  # `not`: NaN fails too
-            p.error(f"--{k.replace('_', '-')} must be {'positive' if pos else 'at least 0'}, got {v}")
+        if v is not None and not (0 < v < math.inf if pos else 0 <= v < math.inf):  # `not`: NaN fails too
+            p.error(f"--{k.replace('_', '-')} must be finite and {'> 0' if pos else 'at least 0'}, got {v}")
+    if len(set(args.seeds)) < len(args.seeds) or not all(0 <= s < 2**32 for s in args.seeds):
+        p.error(f'--seeds {" ".join(map(str, args.seeds))}: each once, from 0 to 2**32 - 1')
+    if args.timeout > timedelta.max.total_seconds() / 60:
+        p.error(f'--timeout {args.timeout}: at most {timedelta.max.total_seconds() / 60:.0f} minutes')
     classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}[args.dataset]
     if classes % args.tasks:
         p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
@@ -292,9 +296,10 @@ def setup(args, seed, rank, world, device):
         with together(world, device):
             if k == turn:
                 download = args.download and turn < 2
-                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
                 torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
+                # the backbone first: a weights file is read before a data set (up to 2 GB) is downloaded
                 vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
+                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
     model = Learner(vit, prompt, C).to(device)
@@ -358,12 +363,15 @@ def claim_out(args):
             from None
     for seed in args.seeds:
         folder = os.path.join(args.out, f'seed{seed}')
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            lock.close()
+            raise ValueError(f'{folder} is not a folder: move it away, or choose another --out')
         if os.path.exists(os.path.join(folder, 'checkpoint.pt')) and not args.resume:
             lock.close()
             raise ValueError(f'{folder}/checkpoint.pt exists: pass --resume to continue it, or choose '
                              'another --out')
         diff = []
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # else resume() judges it
+        with contextlib.suppress(OSError, ValueError, LookupError, TypeError, AttributeError):  # else resume
             with open(os.path.join(folder, 'metrics.json')) as f:
                 diff = config_diff(json.load(f)['config'], {k: getattr(args, k) for k in RESULT_KEYS})
         if args.resume and diff:
@@ -538,6 +546,9 @@ def align_classifier(r, task):
     if r.world > 1:  # identical draws on every rank already; broadcasting rules out kernel-level drift
         for p in head.parameters():
             dist.broadcast(p.data, 0)
+    if not torch.stack([p.isfinite().all() for p in head.parameters()]).all():  # one host read per task
+        raise FloatingPointError(f'classifier alignment diverged at task {task.t + 1} (a non-finite head): '
+                                 f'lower --ca-lr; {r.checkpoint} holds the last completed task')
 
 
 @torch.no_grad()
@@ -595,7 +606,8 @@ def finish(r):
     r.log('accuracy matrix (row = after task t, column = task i):')
     for row in m['acc']:
         r.log('  ' + ' '.join(f'{a:6.2f}' for a in row))
-    r.log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}")
+    part = '' if len(m['acc']) == r.args.tasks else f"  (after task {len(m['acc'])} of {r.args.tasks})"
+    r.log(f"FAA {m['faa']:.2f}  CAA {m['caa']:.2f}  forgetting {m['forgetting']:.2f}{part}")
     steps, peak = m['step_seconds'], max(m['peak_memory_mb']) / 1024
     r.log('time per protocol step: ' + ' | '.join(f'{k} {v:.1f}s' for k, v in steps.items()) +
           f' | total {sum(steps.values()):.1f}s; peak memory {peak:.2f} GiB')
@@ -727,6 +739,8 @@ def main(argv=None):
         if args.workers is None:  # the cores this process may use, shared by this machine's ranks, less one
             cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
             args.workers = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
+        if rank == 0 and args.top_k == args.experts and not args.dense:  # SPEC section 3
+            print(f'--top-k {args.top_k} = --experts: dense mode (no routing, usage counts or prototype loss)')
         if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
             print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
                   f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
@@ -744,11 +758,12 @@ def main(argv=None):
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
-            summary = {}
+            done_seeds = [m['seed'] for m in done]  # those that completed every task
+            summary = dict(seeds=done_seeds)
             for k in ('faa', 'caa', 'forgetting'):
                 v = torch.tensor([m[k] for m in done], dtype=torch.float64)
                 summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
-                print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {args.seeds}")
+                print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {done_seeds}")
             atomic_save(summary, os.path.join(args.out, 'summary.json'))
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, failed downloads
         print(f'error: {e}', file=sys.stderr)
