@@ -2473,7 +2473,7 @@ def test_a_bad_weights_file_is_read_before_any_data(tmp_path, monkeypatch, capsy
 
 def test_top_k_equal_to_experts_says_dense(tmp_path, capsys):
     run_train(tmp_path, '--top-k', '8', '--stop-after', '1')
-    assert '--top-k 8 = --experts: dense mode (no routing, usage counts or prototype loss)' in capsys.readouterr().out
+    assert '--top-k 8 = --experts: dense mode (no routing, usage counts, prototype loss)' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('argv', [['--repeats', '0'], ['--warmup', '-1'], ['--batch-size', '-1'], ['--threads', '0'],

@@ -740,7 +740,7 @@ def main(argv=None):
             cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
             args.workers = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
         if rank == 0 and args.top_k == args.experts and not args.dense:  # SPEC section 3
-            print(f'--top-k {args.top_k} = --experts: dense mode (no routing, usage counts or prototype loss)')
+            print(f'--top-k {args.top_k} = --experts: dense mode (no routing, usage counts, prototype loss)')
         if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
             print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
                   f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
