@@ -52,13 +52,17 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
     """(train, test) Images of a benchmark; a missing data set is downloaded unless download=False."""
     if name not in NAMES:
         raise ValueError(f'unknown dataset {name!r}: choose one of {", ".join(NAMES)}')
-    if name != 'synthetic' and os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise ValueError(f'--data-dir {data_dir} is not a folder')
+    check_data_dir(name, data_dir)
     if name == 'cifar100':
         return cifar100(data_dir, download)
     if name == 'cub200':
         return cub200(data_dir, download)
     return imagenet_r(data_dir, download, split, seed) if name == 'imagenet-r' else synthetic(seed=seed)
+
+
+def check_data_dir(name, data_dir):  # also train.py's, before it makes --out or fetches the backbone
+    if name != 'synthetic' and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f'--data-dir {data_dir} is not a folder')
 
 
 def cifar100(data_dir, download):

@@ -356,18 +356,25 @@ def claim_out(args):
     except OSError as e:
         raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
     try:
+        lock_and_check(args, lock)
+    except ValueError:
+        lock.close()
+        raise
+    return lock, created
+
+
+def lock_and_check(args, lock):
+    """Takes the lock, then checks every seed folder: a folder, its checkpoint only with --resume."""
+    try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except OSError:  # EAGAIN or EACCES: another process holds it
-        lock.close()
         raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out') \
             from None
     for seed in args.seeds:
         folder = os.path.join(args.out, f'seed{seed}')
         if os.path.exists(folder) and not os.path.isdir(folder):
-            lock.close()
             raise ValueError(f'{folder} is not a folder: move it away, or choose another --out')
         if os.path.exists(os.path.join(folder, 'checkpoint.pt')) and not args.resume:
-            lock.close()
             raise ValueError(f'{folder}/checkpoint.pt exists: pass --resume to continue it, or choose '
                              'another --out')
         diff = []
@@ -375,10 +382,8 @@ def claim_out(args):
             with open(os.path.join(folder, 'metrics.json')) as f:
                 diff = config_diff(json.load(f)['config'], {k: getattr(args, k) for k in RESULT_KEYS})
         if args.resume and diff:
-            lock.close()
             raise ValueError(f"{folder}/checkpoint.pt was made with other settings ({'; '.join(diff)}): "
                              'use the same flags or another --out')
-    return lock, created
 
 
 def config_diff(saved, now):
@@ -752,8 +757,7 @@ def main(argv=None):
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                     timeout=timedelta(minutes=args.timeout))
         with together(world, device):  # what the file system can tell before any download
-            if args.dataset != 'synthetic' and os.path.isfile(args.data_dir):
-                raise ValueError(f'--data-dir {args.data_dir} is a file: give a folder')
+            data.check_data_dir(args.dataset, args.data_dir)
             lock, created = claim_out(args) if rank == 0 else (None, False)
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
