@@ -4,6 +4,7 @@ every rank, so runs are reproducible, resumable and independent of the number of
 import os
 import random
 import shutil
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ SPLIT_SHA256 = {'train': '6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a3784
 CUB_URL = 'https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1'
 CUB_MD5 = '97eceeb196236b17998738112f37df78'
 CUB_FILES = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt')
-NAMES = ('cifar100', 'imagenet-r', 'cub200', 'synthetic')
+NAMES = ('cifar100', 'imagenet-r', 'cub200', 'folder', 'synthetic')
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')  # of torchvision's IMG_EXTENSIONS, those decode_image reads
 
 
 @dataclass(eq=False)
@@ -34,11 +36,16 @@ class Images:
     num_classes: int
     images: torch.Tensor | None = None  # (N,3,h,w) uint8
     files: list[str] | None = None      # absolute paths
+    classes: list[str] | None = None    # class names by id, where the data set has its own
     # device -> the images there; (size, resize) -> decoded test images
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self):
         return len(self.labels)
+
+    def names(self):  # class names by id: its own, else each class's image folder (wnids, CUB-200's)
+        found = dict(zip(self.labels.tolist(), (os.path.basename(os.path.dirname(f)) for f in self.files or [])))
+        return self.classes or [found.get(c, str(c)) for c in range(self.num_classes)]
 
     def on(self, device):  # the whole uint8 set on `device`, moved once
         if str(device) not in self._cache:
@@ -55,14 +62,26 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
     check_data_dir(name, data_dir)
     if name == 'cifar100':
         return cifar100(data_dir, download)
-    if name == 'cub200':
-        return cub200(data_dir, download)
+    if name in ('cub200', 'folder'):
+        return cub200(data_dir, download) if name == 'cub200' else folder(Path(data_dir).absolute(), seed)
     return imagenet_r(data_dir, download, split, seed) if name == 'imagenet-r' else synthetic(seed=seed)
 
 
-def check_data_dir(name, data_dir):  # also train.py's, before it makes --out or fetches the backbone
-    if name != 'synthetic' and os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise ValueError(f'--data-dir {data_dir} is not a folder')
+def check_data_dir(name, data_dir, tasks=None):
+    """What the file system tells before any download (train.py calls it before it makes --out): --data-dir
+    is a folder, or absent; a folder data set's tree is whole and `tasks` divides its classes."""
+    if name == 'synthetic':
+        return
+    try:
+        if not stat.S_ISDIR(os.stat(data_dir).st_mode):
+            raise ValueError(f'--data-dir {data_dir} is not a folder')
+    except FileNotFoundError:
+        if name == 'folder':
+            raise ValueError(f'--data-dir {data_dir}: no such folder (--dataset folder reads images there)') from None
+    except OSError as e:  # a symbolic link loop, a file on the way, no permission
+        raise ValueError(f'--data-dir {data_dir}: {e.strerror}') from None
+    if name == 'folder' and tasks and (C := folder(Path(data_dir).absolute(), 0)[0].num_classes) % tasks:
+        raise ValueError(f'--tasks {tasks} must divide the {C} classes in {data_dir}')
 
 
 def cifar100(data_dir, download):
@@ -76,7 +95,7 @@ def cifar100(data_dir, download):
         raise ValueError(f'{root} is incomplete or corrupted (md5 of train, test or meta): '
                          'delete it to download it again') from None
     # .data is (N,32,32,3) uint8 -> (N,3,32,32)
-    return tuple(Images(torch.tensor(d.targets), 100,
+    return tuple(Images(torch.tensor(d.targets), 100, classes=d.classes,
                         images=torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()) for d in sets)
 
 
@@ -189,22 +208,54 @@ def _inside(m):  # a file, folder or link, its name and target relative without 
     return m
 
 
+def folder(root, seed):
+    """--dataset folder (SPEC section 7): root/train/<class>/ and root/test/<class>/ as given, else root/<class>/
+    split 80/20 per class by the seed as ImageNet-R's --split random. Labels: the sorted class names."""
+    if not (root / 'train').is_dir() and not (root / 'test').is_dir():
+        return random_split(root, seed)
+    (names, *train), (test_names, *test) = (image_folder(root / part) for part in ('train', 'test'))
+    if odd := sorted(set(names) ^ set(test_names)):
+        raise ValueError(f"{root}: train/ and test/ must hold the same class folders, but {odd[0]!r} is in "
+                         f"{'train' if odd[0] in names else 'test'}/ only")
+    return tuple(Images(torch.tensor(y), len(names), files=f, classes=names) for f, y in (train, test))
+
+
+def image_folder(root):
+    """torchvision's ImageFolder listing, hidden files and folders skipped: (class names, files, labels), files
+    sorted and grouped by class."""
+    if not root.is_dir():
+        raise ValueError(f'{root}: no such folder (a given split needs both train/ and test/)')
+    try:
+        names = [c for c in datasets.folder.find_classes(root)[0] if not c.startswith('.')]
+    except FileNotFoundError:  # no folders at all
+        names = []
+    if not names:
+        raise ValueError(f'{root}: no class folders: expected {root}/<class>/<image>, or train/ and test/ '
+                         'holding such folders')
+    ok = lambda p: datasets.folder.has_file_allowed_extension(p, EXTENSIONS) and '/.' not in p[len(str(root)):]
+    items = datasets.folder.make_dataset(str(root), {c: i for i, c in enumerate(names)}, is_valid_file=ok,
+                                         allow_empty=True)
+    counts = torch.bincount(torch.tensor([y for _, y in items], dtype=torch.long), minlength=len(names))
+    if (counts == 0).any():
+        raise ValueError(f'{root / names[counts.argmin()]}: no images ({", ".join(EXTENSIONS)})')
+    return names, *map(list, zip(*items))
+
+
 def random_split(root, seed, test_frac=0.2):
-    """A seeded per-class 80/20 split of every image on disk; label = index of the sorted wnid."""
+    """A seeded per-class 80/20 split of every image under root/<class>/; label = index of the sorted name."""
     g = torch.Generator().manual_seed(seed)
-    wnids = sorted(d.name for d in root.iterdir() if d.is_dir())
-    train, test = ([], []), ([], [])  # (files, labels)
-    for c, wnid in enumerate(wnids):
-        images = (p for p in (root / wnid).iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
-        files = sorted(str(p) for p in images)
-        if len(files) < 2:
-            raise ValueError(f'{root / wnid} has {len(files)} images: --split random needs 2 per class')
-        n_test = min(max(1, round(test_frac * len(files))), len(files) - 1)
-        perm = torch.randperm(len(files), generator=g).tolist()
+    names, files, labels = image_folder(root)
+    train, test, start = ([], []), ([], []), 0  # (files, labels)
+    for c, n in enumerate(torch.bincount(torch.tensor(labels)).tolist()):
+        if n < 2:
+            raise ValueError(f'{root / names[c]} has {n} image: the 80/20 split needs 2 per class')
+        n_test = min(max(1, round(test_frac * n)), n - 1)
+        perm = (start + torch.randperm(n, generator=g)).tolist()
         for part, ks in ((test, perm[:n_test]), (train, perm[n_test:])):
             part[0].extend(files[k] for k in ks)
             part[1].extend([c] * len(ks))
-    return tuple(Images(torch.tensor(y), len(wnids), files=f) for f, y in (train, test))
+        start += n
+    return tuple(Images(torch.tensor(y), len(names), files=f, classes=names) for f, y in (train, test))
 
 
 def synthetic(num_classes=50, train_per_class=40, test_per_class=10, size=32, seed=0):

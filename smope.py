@@ -13,9 +13,10 @@ q, k, v: (B, H, N, d), instead of `scaled_dot_product_attention(q, k, v)`. After
 The training loop drives the state:
     prompt.begin_task()          # before each task: grows the frequently-used set U, snapshots keys
     prompt.dense = True/False    # task-1 warm-up (all experts, no noise, no router loss)
-    prompt.counting = True       # during the usage pass (Section 5): counts raw top-K hits into `hits`,
-    prompt.end_usage_pass()      # then adds them to `usage` (all-reduce `hits` first when distributed)
-    prompt.counting = 'released' # or the released pass: test-time routing, end_usage_pass() after each batch
+    prompt.usage_pass = 'no-exclusion'  # usage pass (Section 5): forwards count raw top-K hits into `hits`,
+    prompt.usage_pass = None            # every expert routable; then
+    prompt.end_usage_pass()             # adds them to `usage` (all-reduce `hits` first when distributed)
+    ('released' instead of 'no-exclusion': the released pass, test-time routing, end_usage_pass() per batch)
 All the method remembers between tasks (usage counts F, the set U, the key snapshot) is a buffer, so
 state_dict() saves it (the released code keeps it in plain attributes and loses it: SPEC section 9).
 """
@@ -43,7 +44,7 @@ class SMoPE(nn.Module):
         self.layers, self.heads, self.head_dim, self.experts = layers, heads, head_dim, experts
         self.top_k, self.eps, self.gate = top_k, eps, gate
         self.dense = False     # all experts active, no noise, no router loss (task-1 warm-up, ablation)
-        self.counting = False  # usage pass: add raw top-K hits to `hits`; 'released': test-time routing too
+        self.usage_pass = None  # counting top-K hits: None (not counting), 'no-exclusion' or 'released'
         self.fused = fused     # exact fast path (merged expert column + SDPA); False = materialised softmax
         shape = (layers, heads, experts, head_dim)
         self.keys = nn.Parameter(torch.rand(shape))    # P^K: (L, H, E, d), U(0,1) as the released code
@@ -85,7 +86,7 @@ class SMoPE(nn.Module):
                 spread = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)).detach()  # r: (B, H, 1)
                 if self.training:  # adaptive noise on the frequently used experts
                     eps = self.eps * self.frequent[i]
-                elif self.counting is True:  # usage pass: no exclusion, the counts say how this task routes
+                elif self.usage_pass == 'no-exclusion':  # the counts say how this task routes
                     eps = s.new_zeros(E)
                 else:  # released code (its usage pass too): exclude experts never selected (SPEC section 9)
                     eps = 2.0 * (self.usage[i] == 0)
@@ -94,7 +95,7 @@ class SMoPE(nn.Module):
                 selected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
                 if self.training:  # layers run 0..L-1; a new list at layer 0 spares torch.compile a guard
                     self._route = (self._route[:i] if i else []) + [(s, selected, spread)]
-                if self.counting:  # Section 5: top-K of the RAW scores, summed over the batch
+                if self.usage_pass:  # Section 5: top-K of the RAW scores, summed over the batch
                     raw = s.detach().topk(K, dim=-1).indices            # (B, H, K)
                     self.hits[i] += torch.zeros_like(s, dtype=torch.long).scatter_(-1, raw, 1).sum(0)
             g = s / math.sqrt(d)                                        # expert logits of Eq. 3 (un-noised)

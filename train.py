@@ -4,6 +4,7 @@ SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
     python train.py --dataset cifar100 --tasks 10          # downloads what is missing, then trains
     python train.py --dataset cub200 --paper --seeds 0 1 2 3 4   # the released protocol, five class orders
     python train.py --dataset synthetic                    # offline demo: tiny random ViT, seconds on a CPU
+    python train.py --dataset folder --data-dir ROOT       # your images: ROOT/<class>/, or ROOT/{train,test}/<class>/
     torchrun --nproc_per_node=4 train.py --dataset imagenet-r --tasks 10   # 4 GPUs, same results as one
 """
 import argparse
@@ -57,17 +58,20 @@ STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'che
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='row: the default is the released row of the data set and task count '
+                                '(SPEC section 8); shown: the CIFAR-100 row\'s')
     p.error = lambda message: sys.exit(print(f'error: {message} (see --help)', file=sys.stderr) or 2)
-    a = p.add_argument
-    a('--dataset', default='cifar100', choices=['cifar100', 'imagenet-r', 'cub200', 'synthetic'])
+    a, row = p.add_argument, lambda k: f" (row; cifar100: {PAPER['cifar100', 10][k]})"
+    a('--dataset', default='cifar100', choices=data.NAMES, help='a benchmark (downloaded when missing); '
+      'folder: your images in --data-dir (SPEC section 7); synthetic: the offline demo')
     a('--tasks', type=int, help='10 (synthetic: 5)')
     a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
       "sup21k), pixels in [0,1] without normalisation, fp32, --released-quirks; the rest is its row anyway")
     a('--released-quirks', action='store_true', help="reproduce the released code's slips (SPEC section 9)")
     a('--epochs', type=int, help='epochs per task (20); task 1 adds half as dense warm-up')
-    a('--batch-size', type=int, help='GLOBAL batch, split across torchrun ranks')
-    a('--lr', type=float, help='head lr; prompts get 5x')
+    a('--batch-size', type=int, help='GLOBAL batch, split across torchrun ranks' + row('batch_size'))
+    a('--lr', type=float, help='head lr; prompts get 5x' + row('lr'))
     a('--iter-step', type=int, help="schedule entries per epoch (SPEC section 6): the released row's (at its "
       'task count and batch size), else ceil(task images / batch)')
     a('--hold', type=int, help="entries at lr 1e-6 before the cosine: the released row's x epochs / 20, else "
@@ -75,23 +79,24 @@ def parse_args(argv=None):
     a('--experts', type=int, help='experts per layer and head (25)')
     a('--top-k', type=int, help='active experts per image (5)')
     a('--prompt-layers', type=int, help='prompted blocks, counted from the first (6)')
-    a('--eps', type=float, help='adaptive noise strength (Eq. 2)')
-    a('--router-weight', type=float, help='alpha_router (Eq. 5)')
-    a('--proto-weight', type=float, help='alpha_proto (Eq. 6)')
-    a('--ca-epochs', type=int, help='classifier alignment epochs')
-    a('--ca-ratio', type=int, help='alignment samples per class = batch size x ratio')
+    a('--eps', type=float, help='adaptive noise strength (Eq. 2), also the router loss margin (Eq. 5)' + row('eps'))
+    a('--router-weight', type=float, help='alpha_router (Eq. 5)' + row('router_weight'))
+    a('--proto-weight', type=float, help='alpha_proto (Eq. 6)' + row('proto_weight'))
+    a('--ca-epochs', type=int, help='classifier alignment epochs' + row('ca_epochs'))
+    a('--ca-ratio', type=int, help='alignment samples per class = batch size x ratio' + row('ca_ratio'))
     a('--ca-lr', type=float, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
     a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'],
       help='linear = SMoPE; others = NoRGa')
-    a('--arch', choices=['vit_b_16', 'tiny'])
+    a('--arch', choices=['vit_b_16', 'tiny'], help='backbone: ViT-B/16 (default), or the demo\'s tiny ViT')
     a('--weights', help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC section 7), a "
       "torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
     a('--normalize', choices=['backbone', 'none'], help="'none' = pixels in [0,1] (the released code); "
       "default: the backbone's own mean and std")
     a('--split', default='fixed', choices=['fixed', 'random'],
       help='imagenet-r: the released 24k/6k lists, or seeded 80/20')
-    a('--seeds', type=int, nargs='+', default=[0])
-    a('--data-dir', default='data')
+    a('--seeds', type=int, nargs='+', default=[0], help='one run per seed, each its class order (0-4: the '
+      "paper's five); several print mean and std")
+    a('--data-dir', help='where data sets are downloaded and read (default: data); folder: ROOT of your images')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
     a('--out', help='run folder (default runs/<dataset>-<tasks>)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
@@ -101,11 +106,11 @@ def parse_args(argv=None):
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, help='stop after this many tasks (resume later with --resume)')
     a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
-    a('--eval-batch-size', type=int, default=256)
-    a('--workers', type=int, help='JPEG decoding processes (imagenet-r, cub200); default: usable cores - 1')
+    a('--eval-batch-size', type=int, default=256, help='batch of the usage (released: --batch-size), statistics and evaluation passes')
+    a('--workers', type=int, help='image decoding processes (imagenet-r, cub200, folder); default: cores - 1')
     a('--no-augment', dest='augment', action='store_false', help='train on un-augmented images')
     a('--dense', action='store_true', help='ablation: one shared prompt, all experts active')
-    a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0')
+    a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0 (no router loss margin either)')
     a('--no-router', dest='router', action='store_false', help='ablation: no router loss')
     a('--no-proto', dest='proto', action='store_false', help='ablation: no prototype loss')
     a('--no-warmup', dest='warmup', action='store_false', help='ablation: no task-1 dense warm-up')
@@ -115,9 +120,13 @@ def parse_args(argv=None):
         p.error(f'--device {args.device}: give cpu, cuda or cuda:N')
     if args.paper and args.dataset not in RELEASED_BACKBONE:
         p.error(f"--paper needs one of the paper's benchmarks: {', '.join(RELEASED_BACKBONE)}")
+    if args.dataset == 'folder' and args.data_dir is None:
+        p.error('--dataset folder reads your images in --data-dir ROOT: give it')
+    args.data_dir = args.data_dir or 'data'
     args.tasks = (5 if args.dataset == 'synthetic' else 10) if args.tasks is None else args.tasks
-    released = (args.dataset, args.tasks) in PAPER
-    args.row = (args.dataset, args.tasks) if released else next(k for k in PAPER if k[0] == args.dataset)
+    released = (args.dataset, args.tasks) in PAPER  # a folder: the ImageNet-R 10-task row (SPEC section 7)
+    args.row = (args.dataset, args.tasks) if released else ('imagenet-r', 10) if args.dataset == 'folder' else \
+        next(k for k in PAPER if k[0] == args.dataset)
     row = PAPER[args.row]
     own = released and args.batch_size in (None, row['batch_size'])  # the released schedule: its own row only
     defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
@@ -148,14 +157,16 @@ def parse_args(argv=None):
                 'prompt_layers').split()
     for k in positive + ['hold', 'ca_epochs', 'workers', 'eps', 'router_weight', 'proto_weight']:
         v, pos = getattr(args, k), k in positive
-        if v is not None and not (0 < v < math.inf if pos else 0 <= v < math.inf):  # `not`: NaN fails too
-            p.error(f"--{k.replace('_', '-')} must be finite and {'> 0' if pos else 'at least 0'}, got {v}")
+        top = torch.finfo().max / dict(lr=5, ca_lr=10).get(k, 1)  # float32 where used: 5 x lr, 10 x ca_lr
+        if v is not None and not (0 < v <= top if pos else 0 <= v <= top):  # `not`: NaN fails too
+            p.error(f"--{k.replace('_', '-')} must be {'> 0' if pos else 'at least 0'} and at most {top:.3g} "
+                    f'(float32 where it is used), got {v}')
     if len(set(args.seeds)) < len(args.seeds) or not all(0 <= s < 2**32 for s in args.seeds):
         p.error(f'--seeds {" ".join(map(str, args.seeds))}: each once, from 0 to 2**32 - 1')
     if args.timeout > timedelta.max.total_seconds() / 60:
         p.error(f'--timeout {args.timeout}: at most {timedelta.max.total_seconds() / 60:.0f} minutes')
-    classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}[args.dataset]
-    if classes % args.tasks:
+    classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}.get(args.dataset, args.tasks)
+    if classes % args.tasks:  # a folder's classes are counted before any work, in main
         p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
     depth = TINY['depth'] if args.arch == 'tiny' else 12
     if args.prompt_layers > depth:
@@ -240,6 +251,7 @@ class SeedRun:
     ca_gen: torch.Generator   # classifier-alignment samples
     stats: dict               # SPEC section 6 step 4: 'mean', 'var', (C, width) float64
     metrics: dict
+    estimate: bool = False    # ViT-B/16 on a CPU: print the run's time, measured on its second step
 
     def log(self, *a):
         if self.rank == 0:
@@ -301,6 +313,7 @@ def setup(args, seed, rank, world, device):
                 vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
                 train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
+    tasks, names = data.split_tasks(order, args.tasks), train_set.names()
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
     model = Learner(vit, prompt, C).to(device)
     if args.compile:
@@ -314,16 +327,18 @@ def setup(args, seed, rank, world, device):
                    step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
                    peak_memory='per task, CUDA allocator' if device.type == 'cuda' else
                    'process peak RSS so far',
-                   config={k: getattr(args, k) for k in RESULT_KEYS}, weights_sha256=vit.weights_sha256,
+                   config=config(args, seed), weights_sha256=vit.weights_sha256,
                    trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   prompt_params=prompt.keys.numel() + prompt.values.numel())
+                   prompt_params=prompt.keys.numel() + prompt.values.numel(),
+                   task_classes=[[names[c] for c in classes] for classes in tasks])
     stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
     y_train, y_test = (data.remap(s.labels, order).to(device) for s in (train_set, test_set))
     r = SeedRun(args=args, model=model, ddp=ddp, train_set=train_set, test_set=test_set, y_train=y_train,
-                y_test=y_test, per_task=len(data.split_tasks(order, args.tasks)[0]), feed=feed, stats=stats,
+                y_test=y_test, per_task=len(tasks[0]), feed=feed, stats=stats,
                 metrics=metrics, out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world,
                 device=device, gen=torch.Generator().manual_seed(seed),
-                ca_gen=torch.Generator().manual_seed(seed + 10_000))
+                ca_gen=torch.Generator().manual_seed(seed + 10_000),
+                estimate=device.type == 'cpu' and args.arch == 'vit_b_16')
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
     return r
@@ -347,24 +362,38 @@ def together(world, device):
 
 
 def claim_out(args):
-    """(lock, created): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once.
-    Before any download: a checkpoint there needs --resume and (by its metrics.json) the same settings."""
-    created = not os.path.exists(args.out)
+    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new: the
+    folders made for --out, deepest first. Before any download: each seed folder's checkpoint (--resume only)."""
+    new, d = [], os.path.abspath(args.out)
+    while not os.path.lexists(d):
+        new, d = new + [d], os.path.dirname(d)
+    lock = None
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = open(os.path.join(args.out, '.lock'), 'a')
-    except OSError as e:
-        raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
-    try:
         lock_and_check(args, lock)
-    except ValueError:
+    except (OSError, ValueError) as e:
+        release(lock, new)
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
+    return lock, new
+
+
+def release(lock, new):
+    """Unlocks --out; the folders made for it go again if the run wrote nothing there."""
+    if lock:
+        if new and os.listdir(new[0]) == ['.lock']:
+            os.remove(lock.name)
         lock.close()
-        raise
-    return lock, created
+    for d in new:
+        with contextlib.suppress(OSError):  # not empty: it stays, and so do the folders above it
+            os.rmdir(d)
 
 
 def lock_and_check(args, lock):
-    """Takes the lock, then checks every seed folder: a folder, its checkpoint only with --resume."""
+    """Takes the lock, then checks every seed folder: a folder whose longest file name the OS accepts, its
+    checkpoint only with --resume, and then intact and made with these settings."""
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except OSError:  # EAGAIN or EACCES: another process holds it
@@ -372,50 +401,64 @@ def lock_and_check(args, lock):
             from None
     for seed in args.seeds:
         folder = os.path.join(args.out, f'seed{seed}')
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise ValueError(f'{folder} is not a folder: move it away, or choose another --out')
+        try:
+            os.stat(longest := os.path.join(folder, 'checkpoint.pt.tmp'))
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # too long a path, a file where a folder goes, no permission
+            raise ValueError(f'--out {args.out}: the OS refuses {longest} ({e.strerror}): choose another '
+                             '--out') from None
         if os.path.exists(os.path.join(folder, 'checkpoint.pt')) and not args.resume:
             raise ValueError(f'{folder}/checkpoint.pt exists: pass --resume to continue it, or choose '
                              'another --out')
-        diff = []
-        with contextlib.suppress(OSError, ValueError, LookupError, TypeError, AttributeError):  # else resume
-            with open(os.path.join(folder, 'metrics.json')) as f:
-                diff = config_diff(json.load(f)['config'], {k: getattr(args, k) for k in RESULT_KEYS})
-        if args.resume and diff:
-            raise ValueError(f"{folder}/checkpoint.pt was made with other settings ({'; '.join(diff)}): "
-                             'use the same flags or another --out')
+        if os.path.exists(os.path.join(folder, 'checkpoint.pt')):
+            read_checkpoint(os.path.join(folder, 'checkpoint.pt'), config(args, seed))
 
 
-def config_diff(saved, now):
-    return [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' for k, v in now.items() if saved.get(k) != v]
+def config(args, seed):  # the settings a checkpoint must share with the run that resumes it
+    return {**{k: getattr(args, k) for k in RESULT_KEYS}, 'seed': seed}
+
+
+def read_checkpoint(path, now):
+    """The checkpoint at path, refused in one line unless intact and made with the settings `now` (config,
+    and where given the backbone's sha256 and the class order)."""
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=False)  # generator states: host only
+        if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
+            raise ValueError('its sha256 does not match its content')
+        m = ck['metrics']
+        saved = {**m['config'], 'backbone sha256': m.get('weights_sha256'), 'classes': m.get('task_classes')}
+    except Exception as e:
+        raise unreadable(path, e) from None
+    if diff := [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' if k != 'classes' else 'the classes per task'
+                for k, v in now.items() if saved.get(k) != v]:
+        raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}): use the same flags or "
+                         'another --out')
+    return ck
+
+
+def unreadable(path, e):
+    return ValueError(f'{path} is not a readable checkpoint of train.py ({type(e).__name__}: '
+                      f'{" ".join(str(e).split())}): move it away, or choose another --out')
 
 
 def resume(r):
-    """Continue after the last completed task; only an intact checkpoint of the same settings is accepted."""
+    """Continue after the last completed task: the checkpoint of this seed, data set and backbone only."""
     if not os.path.exists(r.checkpoint):
         r.log(f'{r.checkpoint} does not exist: starting from task 1')
         return 0
+    m = r.metrics
+    ck = read_checkpoint(r.checkpoint, {**m['config'], 'backbone sha256': m['weights_sha256'],
+                                        'classes': m['task_classes']})
     try:
-        ck = torch.load(r.checkpoint, map_location='cpu', weights_only=False)  # generator states: host only
-        if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
-            raise ValueError('its sha256 does not match its content')
-        config, sha = ck['metrics']['config'], ck['metrics'].get('weights_sha256')
-        diff = config_diff(config, r.metrics['config'])
-        if sha != r.metrics['weights_sha256']:
-            diff.append(f'backbone sha256: checkpoint {sha}, now {r.metrics["weights_sha256"]}')
-        if not diff:
-            r.model.prompt.load_state_dict(ck['prompt'])
-            r.model.head.load_state_dict(ck['head'])
-            r.metrics, task = ck['metrics'], ck['task']
-            r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
-            r.gen.set_state(ck['gen'])
-            r.ca_gen.set_state(ck['ca_gen'])
+        r.model.prompt.load_state_dict(ck['prompt'])
+        r.model.head.load_state_dict(ck['head'])
+        r.metrics, task = ck['metrics'], ck['task']
+        r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
+        r.gen.set_state(ck['gen'])
+        r.ca_gen.set_state(ck['ca_gen'])
     except Exception as e:
-        raise ValueError(f'{r.checkpoint} is not a readable checkpoint of train.py ({type(e).__name__}: '
-                         f'{" ".join(str(e).split())}): move it away, or choose another --out') from None
-    if diff:
-        raise ValueError(f"{r.checkpoint} was made with other settings ({'; '.join(diff)}): "
-                         'use the same flags or another --out')
+        raise unreadable(r.checkpoint, e) from None
     r.log(f'resuming {r.out} after task {task}/{r.args.tasks}')
     return task
 
@@ -456,6 +499,9 @@ def train_phase(r, task, name, dense, epochs):
             opt.step()
             bad = torch.where((bad == never) & ~torch.isfinite(loss.detach()), j, bad)
             tot += stats
+            if r.estimate and j == 1:  # a CPU waits for each step: the second alone, decoding included
+                estimate(r, (time.time() - t1) / args.batch_size, task)
+            t1 = time.time()
         n = (j + 1) * args.batch_size  # images this epoch: full global batches only
         all_sum(tot, r.world)
         if r.world > 1:  # every rank must stop alike, whichever rank saw it
@@ -471,6 +517,16 @@ def train_phase(r, task, name, dense, epochs):
               f'ETA {(epochs - epoch - 1) * dt:.0f}s')
     prompt.dense = args.dense
     return images, seconds
+
+
+def estimate(r, seconds, task):
+    """One line before the first epoch: the whole run's time at `seconds` per training image (a forward-only
+    image costs a third of that: usage, statistics and evaluation passes)."""
+    a, n, r.estimate = r.args, len(task.idx), False
+    epochs = a.tasks * a.epochs + (max(1, a.epochs // 2) if a.warmup and not a.dense else 0)
+    hours = seconds * (epochs * n + (2 * a.tasks * n + len(r.y_test) * (a.tasks + 1) / 2) / 3) / 3600
+    r.log(f'ViT-B/16 on a CPU: this run takes about {hours:.1f} hours ({seconds:.2f} s per training image); '
+          'a GPU does it in a fraction of that, or try the offline demo: python train.py --dataset synthetic')
 
 
 def step_loss(model, prompt, x, y, lo, hi, args):
@@ -504,12 +560,12 @@ def usage_pass(r, task):
     """SPEC section 5: each expert's top-K hits over the task's training images, summed over ranks.
     --released-quirks: the released pass (SPEC section 9), each batch's hits joining `usage` at once."""
     prompt, released = r.model.prompt, r.args.released_quirks
-    prompt.counting = 'released' if released else True
+    prompt.usage_pass = 'released' if released else 'no-exclusion'
     for _ in task_features(r, task, released):
         if released:  # drop_last with batch >= ranks: every rank has every batch
             all_sum(prompt.hits, r.world)
             prompt.end_usage_pass()
-    prompt.counting = False
+    prompt.usage_pass = None
     if not released:
         all_sum(prompt.hits, r.world)
         prompt.end_usage_pass()
@@ -586,9 +642,9 @@ def record(r, task, row, seconds, images_per_second):
     used = (prompt.usage > 0).sum(-1).float()  # (L, H)
     top = prompt.usage_shares().amax(-1)       # (L, H)
     freq = prompt.frequent.sum(-1).float()     # (L, H)
-    r.log(f'expert usage per prompted layer (experts used of {prompt.experts}, busiest expert share, '
-          'frequent set): ' + ' | '.join(f'L{l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
-                                         f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
+    r.log(f'expert usage per prompted block, mean over heads (experts used of {prompt.experts}, busiest expert '
+          'share, experts in U): ' + ' | '.join(f'block {l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
+                                                f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
 
 
 def save_checkpoint(r, task):
@@ -639,7 +695,7 @@ def atomic_save(obj, path):
             with open(tmp, 'w') as f:
                 json.dump(obj, f, indent=1)
         elif path.endswith('.png'):
-            obj.savefig(tmp, format='png', dpi=100, bbox_inches='tight')
+            obj.savefig(tmp, format='png', dpi=100)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)  # a kill never leaves a half-written file under the real name
@@ -687,19 +743,20 @@ def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task
 
 def plot(r):
     """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, a
-    panel per prompted layer; triangles: experts in the frequently-used set U, sized by share of heads)."""
+    panel per prompted block; triangles: experts in the frequently-used set U, sized by their share of heads)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    acc, T = r.metrics['acc'], len(r.metrics['acc'])
+    m, prompt = r.metrics, r.model.prompt
+    acc, T, name = m['acc'], len(m['acc']), f"{r.args.dataset}, seed {m['seed']}"
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * T, 1 + 0.5 * T))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * T, 1.5 + 0.45 * T), layout='constrained')
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
     ax.set(xticks=range(T), xticklabels=range(1, T + 1), yticks=range(T), yticklabels=range(1, T + 1),
-           xlabel='task evaluated', ylabel='after training task')
+           xlabel='task evaluated', ylabel='after training task', title=f"{name}\nFAA {m['faa']:.2f} after task {T}")
     for t in range(T):
         for i in range(t + 1):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
@@ -707,10 +764,11 @@ def plot(r):
     fig.colorbar(im, ax=ax, label='accuracy (%)')
     atomic_save(fig, os.path.join(r.out, 'accuracy.png'))
     plt.close(fig)
-    hits = torch.tensor(r.metrics['task_usage'], dtype=torch.float64)  # (T, L, E)
+    hits = torch.tensor(m['task_usage'], dtype=torch.float64)  # (T, L, E)
     L, E = hits.shape[1:]
-    share = r.model.prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
-    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.25 * E, 0.4 + 1.3 * L), sharex=True, squeeze=False)
+    share = prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
+    fig, axes = plt.subplots(L, 1, figsize=(3.5 + 0.25 * E, 1 + 1.4 * L), sharex=True, squeeze=False,
+                             layout='constrained')
     colors = plt.get_cmap('viridis')(torch.linspace(0, 1, T).tolist())
     for l, ax in enumerate(axes[:, 0]):
         bottom = torch.zeros(E, dtype=torch.float64)
@@ -719,10 +777,13 @@ def plot(r):
             bottom += hits[t, l]
         u = share[l] > 0
         ax.scatter(torch.arange(E)[u], bottom[u] * 1.05 + 1, s=40 * share[l][u], marker='v', c='k')
-        ax.set(ylabel=f'layer {l}', ylim=(0, 1.2 * bottom.max().item() + 1))
-    axes[0, 0].set_title('top-K hits per expert (heads summed), stacked by task; \u25bc in U')
-    axes[-1, 0].set_xlabel('expert')
-    axes[0, 0].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+        ax.set(ylabel='top-K hits', ylim=(0, 1.2 * bottom.max().item() + 1), xticks=range(E))
+        ax.set_title(f'block {l}', loc='left', fontsize=9)
+    for size, heads in ((40, 'all heads'), (20, 'half the heads')):  # legend entries for the markers
+        axes[0, 0].scatter([], [], s=size, marker='v', c='k', label=f'in U (frequently used), {heads}')
+    axes[-1, 0].set_xlabel(f'expert (of {E} per head)')
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc='outside right center', ncols=math.ceil((T + 2) / (7 * L)))
+    fig.suptitle(f'{name}: expert usage after task {T}\n(hits summed over the {prompt.heads} heads)', fontsize=10)
     atomic_save(fig, os.path.join(r.out, 'usage.png'))
     plt.close(fig)
 
@@ -730,7 +791,7 @@ def plot(r):
 def main(argv=None):
     args = parse_args(argv)
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    lock = created = None
+    lock, new = None, []
     try:
         if args.batch_size < world:
             raise ValueError(f'--batch-size {args.batch_size} is the global batch: it must be at least the '
@@ -746,9 +807,11 @@ def main(argv=None):
             args.workers = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
         if rank == 0 and args.top_k == args.experts and not args.dense:  # SPEC section 3
             print(f'--top-k {args.top_k} = --experts: dense mode (no routing, usage counts, prototype loss)')
-        if rank == 0 and args.row[1] != args.tasks:  # SPEC section 8 has rows for some task counts only
-            print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from its '
-                  f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
+        if rank == 0 and args.row != (args.dataset, args.tasks):  # SPEC section 8: rows for some runs only
+            mine = args.row[0] == args.dataset
+            print(f"{args.dataset} has {f'no row for {args.tasks} tasks' if mine else 'no released row'}: "
+                  f"hyperparameters from {'its' if mine else args.row[0] + chr(39) + 's'} {args.row[1]}-task row"
+                  + ', iter_step and hold derived' * (args.dataset != 'cub200'))
         if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
             torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
         if device.type == 'cuda' and device.index is not None:  # GPU N: timing and pinned copies there too
@@ -757,30 +820,48 @@ def main(argv=None):
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                     timeout=timedelta(minutes=args.timeout))
         with together(world, device):  # what the file system can tell before any download
-            data.check_data_dir(args.dataset, args.data_dir)
-            lock, created = claim_out(args) if rank == 0 else (None, False)
+            data.check_data_dir(args.dataset, args.data_dir, args.tasks)
+            lock, new = claim_out(args) if rank == 0 else (None, [])
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
-            done_seeds = [m['seed'] for m in done]  # those that completed every task
+            done_seeds = [s for s, m in zip(args.seeds, metrics) if m in done]  # each once (parse_args)
             summary = dict(seeds=done_seeds)
             for k in ('faa', 'caa', 'forgetting'):
                 v = torch.tensor([m[k] for m in done], dtype=torch.float64)
                 summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
                 print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {done_seeds}")
             atomic_save(summary, os.path.join(args.out, 'summary.json'))
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: missing files, failed downloads
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        if rank == 0:
+            print(f"results in {os.path.join(args.out, f'seed{args.seeds[0]}' if len(args.seeds) == 1 else '')}"
+                  ' (a second run there needs --resume or another --out)')
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as e:  # OSError: files, downloads
+        return failed(e, args, world, rank)
     finally:
-        if lock:
-            if created and os.listdir(args.out) == ['.lock']:  # failed before its first checkpoint: no folder
-                os.remove(lock.name)
-                os.rmdir(args.out)
-            lock.close()
+        release(lock, new)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def failed(e, args, world, rank):
+    """The exit status of a run that failed: one `error:` line and 2; under torchrun, where another rank failed
+    first and said so, a quiet 0 (its line stays the last); a collective timing out names the silent rank."""
+    store = dist.distributed_c10d._get_default_store() if world > 1 and dist.is_initialized() else None
+    if isinstance(e, RuntimeError):  # under torchrun: a collective that lost or waited for another rank
+        peer = True  # the store is gone with the rank that held it
+        with contextlib.suppress(Exception):
+            peer = store.check(['smope/failed'])
+        if store is None or not peer and 'timed out' not in str(e).lower():
+            raise e  # not another rank's doing: a bug, with its traceback
+        if peer:
+            return 0
+        who = f'rank {1 - rank}' if world == 2 else 'a rank'
+        e = f'{who} did not answer within --timeout {args.timeout:g} minutes: see its output, or raise --timeout'
+    elif store:
+        store.set('smope/failed', str(rank))  # before the line: a rank that sees this one gone finds it
+    print(f'error: {e}', file=sys.stderr)
+    return 2
 
 
 if __name__ == '__main__':
