@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torchvision import datasets
+from torchvision.datasets.folder import find_classes, has_file_allowed_extension, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -44,7 +45,7 @@ class Images:
         return len(self.labels)
 
     def names(self):  # class names by id: its own, else each class's image folder (wnids, CUB-200's)
-        found = dict(zip(self.labels.tolist(), (os.path.basename(os.path.dirname(f)) for f in self.files or [])))
+        found = dict(zip(self.labels.tolist(), (Path(f).parent.name for f in self.files or [])))
         return self.classes or [found.get(c, str(c)) for c in range(self.num_classes)]
 
     def on(self, device):  # the whole uint8 set on `device`, moved once
@@ -70,14 +71,11 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
 def check_data_dir(name, data_dir, tasks=None):
     """What the file system tells before any download (train.py calls it before it makes --out): --data-dir
     is a folder, or absent; a folder data set's tree is whole and `tasks` divides its classes."""
-    if name == 'synthetic':
-        return
     try:
-        if not stat.S_ISDIR(os.stat(data_dir).st_mode):
+        if name != 'synthetic' and not stat.S_ISDIR(os.stat(data_dir).st_mode):
             raise ValueError(f'--data-dir {data_dir} is not a folder')
-    except FileNotFoundError:
-        if name == 'folder':
-            raise ValueError(f'--data-dir {data_dir}: no such folder (--dataset folder reads images there)') from None
+    except FileNotFoundError:  # made by a download; a folder data set finds no class folders
+        pass
     except OSError as e:  # a symbolic link loop, a file on the way, no permission
         raise ValueError(f'--data-dir {data_dir}: {e.strerror}') from None
     if name == 'folder' and tasks and (C := folder(Path(data_dir).absolute(), 0)[0].num_classes) % tasks:
@@ -209,8 +207,8 @@ def _inside(m):  # a file, folder or link, its name and target relative without 
 
 
 def folder(root, seed):
-    """--dataset folder (SPEC section 7): root/train/<class>/ and root/test/<class>/ as given, else root/<class>/
-    split 80/20 per class by the seed as ImageNet-R's --split random. Labels: the sorted class names."""
+    """--dataset folder (SPEC section 7): root/train/<class>/ and root/test/<class>/ as given, else
+    root/<class>/ split 80/20 per class by the seed, as ImageNet-R's --split random. Labels: sorted names."""
     if not (root / 'train').is_dir() and not (root / 'test').is_dir():
         return random_split(root, seed)
     (names, *train), (test_names, *test) = (image_folder(root / part) for part in ('train', 'test'))
@@ -221,24 +219,17 @@ def folder(root, seed):
 
 
 def image_folder(root):
-    """torchvision's ImageFolder listing, hidden files and folders skipped: (class names, files, labels), files
-    sorted and grouped by class."""
-    if not root.is_dir():
-        raise ValueError(f'{root}: no such folder (a given split needs both train/ and test/)')
+    """torchvision's ImageFolder listing, hidden files and folders skipped: (class names, files, labels), the
+    files sorted and grouped by class."""
+    image = lambda p: has_file_allowed_extension(p, EXTENSIONS) and '/.' not in p[len(str(root)):]
     try:
-        names = [c for c in datasets.folder.find_classes(root)[0] if not c.startswith('.')]
-    except FileNotFoundError:  # no folders at all
-        names = []
-    if not names:
-        raise ValueError(f'{root}: no class folders: expected {root}/<class>/<image>, or train/ and test/ '
-                         'holding such folders')
-    ok = lambda p: datasets.folder.has_file_allowed_extension(p, EXTENSIONS) and '/.' not in p[len(str(root)):]
-    items = datasets.folder.make_dataset(str(root), {c: i for i, c in enumerate(names)}, is_valid_file=ok,
-                                         allow_empty=True)
-    counts = torch.bincount(torch.tensor([y for _, y in items], dtype=torch.long), minlength=len(names))
-    if (counts == 0).any():
-        raise ValueError(f'{root / names[counts.argmin()]}: no images ({", ".join(EXTENSIONS)})')
-    return names, *map(list, zip(*items))
+        if not (names := [c for c in find_classes(root)[0] if not c.startswith('.')]):
+            raise FileNotFoundError('no class folders')
+        files, labels = zip(*make_dataset(root, {c: i for i, c in enumerate(names)}, is_valid_file=image))
+    except FileNotFoundError as e:  # no folder, no class folders, class folders without images
+        raise ValueError(f'{root}: {str(e).strip()} (expected {root}/<class>/<image>, '
+                         f'{"/".join(EXTENSIONS)})') from None
+    return names, list(files), list(labels)
 
 
 def random_split(root, seed, test_frac=0.2):

@@ -4,7 +4,7 @@ SMoPE class-incremental training on a frozen ViT (SPEC.md sections 6-8).
     python train.py --dataset cifar100 --tasks 10          # downloads what is missing, then trains
     python train.py --dataset cub200 --paper --seeds 0 1 2 3 4   # the released protocol, five class orders
     python train.py --dataset synthetic                    # offline demo: tiny random ViT, seconds on a CPU
-    python train.py --dataset folder --data-dir ROOT       # your images: ROOT/<class>/, or ROOT/{train,test}/<class>/
+    python train.py --dataset folder --data-dir ROOT       # your images: ROOT/<class>/ (or train/, test/)
     torchrun --nproc_per_node=4 train.py --dataset imagenet-r --tasks 10   # 4 GPUs, same results as one
 """
 import argparse
@@ -48,12 +48,10 @@ PAPER['synthetic', 5].update(ca_lr=1e-3, epochs=4, experts=8, top_k=2, prompt_la
                              weights=None)
 RELEASED_BACKBONE = {'cifar100': 'sup1k', 'imagenet-r': 'sup1k', 'cub200': 'sup21k'}  # SPEC section 7
 TINY = dict(image_size=32, patch_size=4, width=96, depth=4, heads=4, mlp_dim=192)  # the demo's backbone
-# settings that change results: a checkpoint made with other values is not resumed
-RESULT_KEYS = ['dataset', 'tasks', 'epochs', 'batch_size', 'lr', 'experts', 'top_k', 'eps', 'router_weight',
-               'proto_weight', 'ca_epochs', 'ca_ratio', 'ca_lr', 'iter_step', 'hold', 'gate', 'weights',
-               'normalize', 'arch', 'prompt_layers', 'split', 'augment', 'dense', 'warmup', 'ca', 'precision',
-               'paper', 'released_quirks',  # --paper: fp32 on CUDA without TF32 matmuls
-               'eval_batch_size']  # with augmentation on, the usage/statistics passes draw crops per batch
+# flags that leave results as they are (the ablation switches live on in eps and the loss weights): a
+# checkpoint made with other values of any other flag, or another seed, is not resumed
+RUN_ONLY = 'seeds data_dir download out device compile resume stop_after timeout workers row noise router '\
+    'proto'.split()
 STEPS = ('training', 'usage pass', 'statistics', 'alignment', 'evaluation', 'checkpointing')  # SPEC section 6
 
 
@@ -79,7 +77,7 @@ def parse_args(argv=None):
     a('--experts', type=int, help='experts per layer and head (25)')
     a('--top-k', type=int, help='active experts per image (5)')
     a('--prompt-layers', type=int, help='prompted blocks, counted from the first (6)')
-    a('--eps', type=float, help='adaptive noise strength (Eq. 2), also the router loss margin (Eq. 5)' + row('eps'))
+    a('--eps', type=float, help='adaptive noise (Eq. 2), also the router loss margin (Eq. 5)' + row('eps'))
     a('--router-weight', type=float, help='alpha_router (Eq. 5)' + row('router_weight'))
     a('--proto-weight', type=float, help='alpha_proto (Eq. 6)' + row('proto_weight'))
     a('--ca-epochs', type=int, help='classifier alignment epochs' + row('ca_epochs'))
@@ -96,7 +94,7 @@ def parse_args(argv=None):
       help='imagenet-r: the released 24k/6k lists, or seeded 80/20')
     a('--seeds', type=int, nargs='+', default=[0], help='one run per seed, each its class order (0-4: the '
       "paper's five); several print mean and std")
-    a('--data-dir', help='where data sets are downloaded and read (default: data); folder: ROOT of your images')
+    a('--data-dir', help='where data sets are downloaded and read (default: data); folder: your ROOT')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
     a('--out', help='run folder (default runs/<dataset>-<tasks>)')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
@@ -106,11 +104,12 @@ def parse_args(argv=None):
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, help='stop after this many tasks (resume later with --resume)')
     a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
-    a('--eval-batch-size', type=int, default=256, help='batch of the usage (released: --batch-size), statistics and evaluation passes')
+    a('--eval-batch-size', type=int, default=256, help='batch of the usage (released: --batch-size), '
+      'statistics and evaluation passes')
     a('--workers', type=int, help='image decoding processes (imagenet-r, cub200, folder); default: cores - 1')
     a('--no-augment', dest='augment', action='store_false', help='train on un-augmented images')
     a('--dense', action='store_true', help='ablation: one shared prompt, all experts active')
-    a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0 (no router loss margin either)')
+    a('--no-noise', dest='noise', action='store_false', help='ablation: eps = 0 (and no router loss margin)')
     a('--no-router', dest='router', action='store_false', help='ablation: no router loss')
     a('--no-proto', dest='proto', action='store_false', help='ablation: no prototype loss')
     a('--no-warmup', dest='warmup', action='store_false', help='ablation: no task-1 dense warm-up')
@@ -124,9 +123,9 @@ def parse_args(argv=None):
         p.error('--dataset folder reads your images in --data-dir ROOT: give it')
     args.data_dir = args.data_dir or 'data'
     args.tasks = (5 if args.dataset == 'synthetic' else 10) if args.tasks is None else args.tasks
-    released = (args.dataset, args.tasks) in PAPER  # a folder: the ImageNet-R 10-task row (SPEC section 7)
-    args.row = (args.dataset, args.tasks) if released else ('imagenet-r', 10) if args.dataset == 'folder' else \
-        next(k for k in PAPER if k[0] == args.dataset)
+    released = (args.dataset, args.tasks) in PAPER
+    first = ('imagenet-r', 10) if args.dataset == 'folder' else next(k for k in PAPER if k[0] == args.dataset)
+    args.row = (args.dataset, args.tasks) if released else first  # a folder's: SPEC section 7
     row = PAPER[args.row]
     own = released and args.batch_size in (None, row['batch_size'])  # the released schedule: its own row only
     defaults = dict(ca_lr=1e-5, epochs=20, experts=25, top_k=5, prompt_layers=6, arch='vit_b_16',
@@ -165,8 +164,8 @@ def parse_args(argv=None):
         p.error(f'--seeds {" ".join(map(str, args.seeds))}: each once, from 0 to 2**32 - 1')
     if args.timeout > timedelta.max.total_seconds() / 60:
         p.error(f'--timeout {args.timeout}: at most {timedelta.max.total_seconds() / 60:.0f} minutes')
-    classes = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}.get(args.dataset, args.tasks)
-    if classes % args.tasks:  # a folder's classes are counted before any work, in main
+    classes = dict(cifar100=100, cub200=200, synthetic=50).get(args.dataset, 200)  # a folder's: in main
+    if args.dataset != 'folder' and classes % args.tasks:
         p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
     depth = TINY['depth'] if args.arch == 'tiny' else 12
     if args.prompt_layers > depth:
@@ -224,11 +223,8 @@ class Learner(nn.Module):
         self.vit = attach(vit.requires_grad_(False), prompt)  # freeze first: attach makes the prompt a child
         self.prompt, self.head = prompt, nn.Linear(vit.width, num_classes)
 
-    def features(self, x):
-        return self.vit(x)  # (B, width) final CLS feature
-
-    def forward(self, x):
-        return self.head(self.features(x)), self.prompt.router_loss()
+    def forward(self, x):  # self.vit(x): (B, width) final CLS features
+        return self.head(self.vit(x)), self.prompt.router_loss()
 
 
 @dataclass
@@ -304,14 +300,14 @@ def setup(args, seed, rank, world, device):
     Under torchrun the ranks take turns loading, so that no two download into the same files: rank 0, then the
     first rank of every other machine (whose disk may be its own), then the rest."""
     turn = 0 if rank == 0 else 1 if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 2
-    for k in range(3):  # after each turn all ranks agree that it went well
-        with together(world, device):
-            if k == turn:
-                download = args.download and turn < 2
-                torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
-                # the backbone first: a weights file is read before a data set (up to 2 GB) is downloaded
-                vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
-                train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
+    for k in range(3):  # a rank that fails ends the run (main's `failed`), the others wait for its turn
+        if k == turn:
+            download = args.download and turn < 2
+            torch.manual_seed(seed)  # backbone (tiny), prompt, head init; later: the run's generators
+            # the backbone first: a weights file is read before a data set (up to 2 GB) is downloaded
+            vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
+            train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
+        barrier(world)
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     tasks, names = data.split_tasks(order, args.tasks), train_set.names()
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
@@ -344,26 +340,9 @@ def setup(args, seed, rank, world, device):
     return r
 
 
-@contextlib.contextmanager
-def together(world, device):
-    """Runs the block, then all ranks learn whether it failed on any (a barrier too): the lowest failing rank
-    raises its error, the others exit 0 quietly: torchrun names it the root cause, its line is the last."""
-    err = None
-    try:
-        yield
-    except Exception as e:
-        err = e
-    if world > 1:
-        first = torch.tensor(dist.get_rank() if err else world, device=device)
-        dist.all_reduce(first, dist.ReduceOp.MIN)
-        err = err if first.item() == dist.get_rank() else SystemExit(0) if first.item() < world else None
-    if err:
-        raise err
-
-
 def claim_out(args):
-    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new: the
-    folders made for --out, deepest first. Before any download: each seed folder's checkpoint (--resume only)."""
+    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new:
+    the folders made for --out, deepest first. Before any download: each seed's checkpoint (--resume only)."""
     new, d = [], os.path.abspath(args.out)
     while not os.path.lexists(d):
         new, d = new + [d], os.path.dirname(d)
@@ -408,57 +387,52 @@ def lock_and_check(args, lock):
         except OSError as e:  # too long a path, a file where a folder goes, no permission
             raise ValueError(f'--out {args.out}: the OS refuses {longest} ({e.strerror}): choose another '
                              '--out') from None
-        if os.path.exists(os.path.join(folder, 'checkpoint.pt')) and not args.resume:
-            raise ValueError(f'{folder}/checkpoint.pt exists: pass --resume to continue it, or choose '
-                             'another --out')
-        if os.path.exists(os.path.join(folder, 'checkpoint.pt')):
-            read_checkpoint(os.path.join(folder, 'checkpoint.pt'), config(args, seed))
+        if os.path.exists(checkpoint := os.path.join(folder, 'checkpoint.pt')):
+            if not args.resume:
+                raise ValueError(f'{checkpoint} exists: pass --resume to continue it, or choose another '
+                                 '--out')
+            read_checkpoint(checkpoint, config(args, seed))
 
 
 def config(args, seed):  # the settings a checkpoint must share with the run that resumes it
-    return {**{k: getattr(args, k) for k in RESULT_KEYS}, 'seed': seed}
+    return {**{k: v for k, v in vars(args).items() if k not in RUN_ONLY}, 'seed': seed}
 
 
-def read_checkpoint(path, now):
-    """The checkpoint at path, refused in one line unless intact and made with the settings `now` (config,
-    and where given the backbone's sha256 and the class order)."""
+def read_checkpoint(path, now, r=None):
+    """The task after which the checkpoint at path was written, refused in one line unless intact and made
+    with the settings `now` (config; if given, the backbone's sha256 and classes); loaded into r if given."""
     try:
         ck = torch.load(path, map_location='cpu', weights_only=False)  # generator states: host only
         if ck.pop('sha256', None) != digest(ck):  # a flipped byte anywhere, a missing part
             raise ValueError('its sha256 does not match its content')
         m = ck['metrics']
         saved = {**m['config'], 'backbone sha256': m.get('weights_sha256'), 'classes': m.get('task_classes')}
+        diff = [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' if k != 'classes' else 'the classes per task'
+                for k, v in now.items() if saved.get(k) != v]
+        if r and not diff:
+            r.model.prompt.load_state_dict(ck['prompt'])
+            r.model.head.load_state_dict(ck['head'])
+            r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
+            r.gen.set_state(ck['gen'])
+            r.ca_gen.set_state(ck['ca_gen'])
+            r.metrics = m
     except Exception as e:
-        raise unreadable(path, e) from None
-    if diff := [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' if k != 'classes' else 'the classes per task'
-                for k, v in now.items() if saved.get(k) != v]:
+        raise ValueError(f'{path} is not a readable checkpoint of train.py ({type(e).__name__}: '
+                         f'{" ".join(str(e).split())}): move it away, or choose another --out') from None
+    if diff:
         raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}): use the same flags or "
                          'another --out')
-    return ck
-
-
-def unreadable(path, e):
-    return ValueError(f'{path} is not a readable checkpoint of train.py ({type(e).__name__}: '
-                      f'{" ".join(str(e).split())}): move it away, or choose another --out')
+    return ck['task']
 
 
 def resume(r):
-    """Continue after the last completed task: the checkpoint of this seed, data set and backbone only."""
+    """Continue after the last completed task: of this seed's checkpoint, with this data set and backbone."""
     if not os.path.exists(r.checkpoint):
         r.log(f'{r.checkpoint} does not exist: starting from task 1')
         return 0
     m = r.metrics
-    ck = read_checkpoint(r.checkpoint, {**m['config'], 'backbone sha256': m['weights_sha256'],
-                                        'classes': m['task_classes']})
-    try:
-        r.model.prompt.load_state_dict(ck['prompt'])
-        r.model.head.load_state_dict(ck['head'])
-        r.metrics, task = ck['metrics'], ck['task']
-        r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
-        r.gen.set_state(ck['gen'])
-        r.ca_gen.set_state(ck['ca_gen'])
-    except Exception as e:
-        raise unreadable(r.checkpoint, e) from None
+    task = read_checkpoint(r.checkpoint, {**m['config'], 'backbone sha256': m['weights_sha256'],
+                                          'classes': m['task_classes']}, r)
     r.log(f'resuming {r.out} after task {task}/{r.args.tasks}')
     return task
 
@@ -552,7 +526,7 @@ def task_features(r, task, released=False):
                              shuffle=released, **r.feed):
         if len(i):
             with r.autocast():
-                f = r.model.features(x)
+                f = r.model.vit(x)
             yield f, i
 
 
@@ -621,7 +595,7 @@ def evaluate(r, task):
     for x, i in data.batches(r.test_set, idx, r.args.eval_batch_size, False, None, **r.feed):
         if len(i):
             with r.autocast():
-                pred = r.model.head(r.model.features(x)).float()[:, :task.hi].argmax(1)
+                pred = r.model.head(r.model.vit(x)).float()[:, :task.hi].argmax(1)
             y = r.y_test[i]
             correct.index_add_(0, y // r.per_task, (pred == y).double())
             images.index_add_(0, y // r.per_task, torch.ones_like(y, dtype=torch.float64))
@@ -642,9 +616,10 @@ def record(r, task, row, seconds, images_per_second):
     used = (prompt.usage > 0).sum(-1).float()  # (L, H)
     top = prompt.usage_shares().amax(-1)       # (L, H)
     freq = prompt.frequent.sum(-1).float()     # (L, H)
-    r.log(f'expert usage per prompted block, mean over heads (experts used of {prompt.experts}, busiest expert '
-          'share, experts in U): ' + ' | '.join(f'block {l}: {used[l].mean():.1f}, {100 * top[l].mean():.0f}%, '
-                                                f'{freq[l].mean():.1f}' for l in range(prompt.layers)))
+    r.log(f'expert usage per prompted block, mean over heads (experts used of {prompt.experts}, busiest '
+          'expert share, experts in U): ' + ' | '.join(f'block {l}: {used[l].mean():.1f}, '
+                                                       f'{100 * top[l].mean():.0f}%, {freq[l].mean():.1f}'
+                                                       for l in range(prompt.layers)))
 
 
 def save_checkpoint(r, task):
@@ -680,6 +655,11 @@ def finish(r):
 
 # -----------------------------------------------------------------------------
 # small helpers
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
 
 def all_sum(t, world):
     if world > 1:
@@ -743,7 +723,7 @@ def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task
 
 def plot(r):
     """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, a
-    panel per prompted block; triangles: experts in the frequently-used set U, sized by their share of heads)."""
+    panel per prompted block; triangles: experts in the frequently-used set U, sized by share of heads)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -756,7 +736,7 @@ def plot(r):
     fig, ax = plt.subplots(figsize=(2.5 + 0.5 * T, 1.5 + 0.45 * T), layout='constrained')
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
     ax.set(xticks=range(T), xticklabels=range(1, T + 1), yticks=range(T), yticklabels=range(1, T + 1),
-           xlabel='task evaluated', ylabel='after training task', title=f"{name}\nFAA {m['faa']:.2f} after task {T}")
+           xlabel='task evaluated', ylabel='after training task', title=f"{name}\nFAA {m['faa']:.2f}")
     for t in range(T):
         for i in range(t + 1):
             ax.text(i, t, f'{acc[t][i]:.0f}', ha='center', va='center', fontsize=8,
@@ -782,8 +762,9 @@ def plot(r):
     for size, heads in ((40, 'all heads'), (20, 'half the heads')):  # legend entries for the markers
         axes[0, 0].scatter([], [], s=size, marker='v', c='k', label=f'in U (frequently used), {heads}')
     axes[-1, 0].set_xlabel(f'expert (of {E} per head)')
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc='outside right center', ncols=math.ceil((T + 2) / (7 * L)))
-    fig.suptitle(f'{name}: expert usage after task {T}\n(hits summed over the {prompt.heads} heads)', fontsize=10)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc='outside right center',
+               ncols=math.ceil((T + 2) / (7 * L)))  # a column per 7 entries per panel: none overflows
+    fig.suptitle(f'{name}: expert usage after task {T}\n(hits summed over {prompt.heads} heads)', fontsize=10)
     atomic_save(fig, os.path.join(r.out, 'usage.png'))
     plt.close(fig)
 
@@ -808,10 +789,9 @@ def main(argv=None):
         if rank == 0 and args.top_k == args.experts and not args.dense:  # SPEC section 3
             print(f'--top-k {args.top_k} = --experts: dense mode (no routing, usage counts, prototype loss)')
         if rank == 0 and args.row != (args.dataset, args.tasks):  # SPEC section 8: rows for some runs only
-            mine = args.row[0] == args.dataset
-            print(f"{args.dataset} has {f'no row for {args.tasks} tasks' if mine else 'no released row'}: "
-                  f"hyperparameters from {'its' if mine else args.row[0] + chr(39) + 's'} {args.row[1]}-task row"
-                  + ', iter_step and hold derived' * (args.dataset != 'cub200'))
+            whose = 'its' if args.row[0] == args.dataset else f"{args.row[0]}'s"
+            print(f'{args.dataset} has no row for {args.tasks} tasks: hyperparameters from {whose} '
+                  f'{args.row[1]}-task row' + ', iter_step and hold derived' * (args.dataset != 'cub200'))
         if device.type == 'cuda' and args.precision == 'fp32' and not args.paper:
             torch.set_float32_matmul_precision('high')  # TF32 matmuls; expert routing stays in exact fp32
         if device.type == 'cuda' and device.index is not None:  # GPU N: timing and pinned copies there too
@@ -819,9 +799,9 @@ def main(argv=None):
         if world > 1:
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                     timeout=timedelta(minutes=args.timeout))
-        with together(world, device):  # what the file system can tell before any download
-            data.check_data_dir(args.dataset, args.data_dir, args.tasks)
-            lock, new = claim_out(args) if rank == 0 else (None, [])
+        data.check_data_dir(args.dataset, args.data_dir, args.tasks)  # what the file system tells, first
+        lock, new = claim_out(args) if rank == 0 else (None, [])
+        barrier(world)
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
@@ -833,7 +813,7 @@ def main(argv=None):
                 print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {done_seeds}")
             atomic_save(summary, os.path.join(args.out, 'summary.json'))
         if rank == 0:
-            print(f"results in {os.path.join(args.out, f'seed{args.seeds[0]}' if len(args.seeds) == 1 else '')}"
+            print(f"results in {os.path.join(args.out, f'seed{args.seeds[0]}' * (len(args.seeds) == 1))}"
                   ' (a second run there needs --resume or another --out)')
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:  # OSError: files, downloads
         return failed(e, args, world, rank)
@@ -845,21 +825,19 @@ def main(argv=None):
 
 
 def failed(e, args, world, rank):
-    """The exit status of a run that failed: one `error:` line and 2; under torchrun, where another rank failed
-    first and said so, a quiet 0 (its line stays the last); a collective timing out names the silent rank."""
-    store = dist.distributed_c10d._get_default_store() if world > 1 and dist.is_initialized() else None
-    if isinstance(e, RuntimeError):  # under torchrun: a collective that lost or waited for another rank
-        peer = True  # the store is gone with the rank that held it
-        with contextlib.suppress(Exception):
-            peer = store.check(['smope/failed'])
-        if store is None or not peer and 'timed out' not in str(e).lower():
-            raise e  # not another rank's doing: a bug, with its traceback
-        if peer:
-            return 0
-        who = f'rank {1 - rank}' if world == 2 else 'a rank'
-        e = f'{who} did not answer within --timeout {args.timeout:g} minutes: see its output, or raise --timeout'
-    elif store:
-        store.set('smope/failed', str(rank))  # before the line: a rank that sees this one gone finds it
+    """The exit status of a failed run: one `error:` line and 2 from the first rank to fail, a quiet 0 from
+    the others (they learn of it at their next collective), so that the line is the last any rank prints."""
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    first = store is None
+    with contextlib.suppress(Exception):  # torchrun's store; gone, it went with the failed rank that held it
+        first = first or store.compare_set('smope/failed', '', str(rank)) == str(rank).encode()
+    if isinstance(e, RuntimeError) and first and (store is None or 'timed out' not in str(e).lower()):
+        raise e  # not a collective waiting in vain for another rank: a bug, with its traceback
+    if not first:
+        return 0
+    if isinstance(e, RuntimeError):
+        e = (f"{f'rank {1 - rank}' if world == 2 else 'a rank'} did not answer within --timeout "
+             f'{args.timeout:g} minutes: see its output, or raise --timeout')
     print(f'error: {e}', file=sys.stderr)
     return 2
 
