@@ -307,7 +307,8 @@ def setup(args, seed, rank, world, device):
             # the backbone first: a weights file is read before a data set (up to 2 GB) is downloaded
             vit = ViT(**TINY) if args.arch == 'tiny' else vit_b_16(args.weights, download=download)
             train_set, test_set = data.load(args.dataset, args.data_dir, download, args.split, seed)
-        barrier(world)
+        if world > 1:
+            dist.barrier()
     C, order = train_set.num_classes, data.class_order(train_set.num_classes, seed)
     tasks, names = data.split_tasks(order, args.tasks), train_set.names()
     prompt = SMoPE(args.prompt_layers, vit.heads, vit.head_dim, args.experts, args.top_k, args.eps, args.gate)
@@ -341,26 +342,36 @@ def setup(args, seed, rank, world, device):
 
 
 def claim_out(args):
-    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new:
-    the folders made for --out, deepest first. Before any download: each seed's checkpoint (--resume only)."""
+    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new: the
+    folders made for --out, deepest first. Before any download: what the OS refuses of the run's longest paths,
+    then each seed's checkpoint (--resume only)."""
+    for seed in args.seeds:
+        try:
+            os.stat(longest := os.path.join(args.out, f'seed{seed}', 'checkpoint.pt.tmp'))
+        except (FileNotFoundError, NotADirectoryError):  # to be made; a file in the way: named below
+            pass
+        except OSError as e:  # too long a path, a loop, no permission
+            raise ValueError(f'--out {args.out}: the OS refuses {longest} ({e.strerror}): choose another '
+                             '--out') from None
     new, d = [], os.path.abspath(args.out)
     while not os.path.lexists(d):
         new, d = new + [d], os.path.dirname(d)
-    lock = None
     try:
         os.makedirs(args.out, exist_ok=True)
         lock = open(os.path.join(args.out, '.lock'), 'a')
-        lock_and_check(args, lock)
-    except (OSError, ValueError) as e:
-        release(lock, new)
-        if isinstance(e, ValueError):
-            raise
+    except OSError as e:
+        release(None, new)
         raise ValueError(f'--out {args.out} is not a folder this run can write to ({e.strerror})') from None
+    try:
+        lock_and_check(args, lock)
+    except ValueError:
+        lock.close()  # the folder is another run's, or was there before: left as it is
+        raise
     return lock, new
 
 
 def release(lock, new):
-    """Unlocks --out; the folders made for it go again if the run wrote nothing there."""
+    """Unlocks --out (held); the folders made for it go again if the run wrote nothing there."""
     if lock:
         if new and os.listdir(new[0]) == ['.lock']:
             os.remove(lock.name)
@@ -371,8 +382,8 @@ def release(lock, new):
 
 
 def lock_and_check(args, lock):
-    """Takes the lock, then checks every seed folder: a folder whose longest file name the OS accepts, its
-    checkpoint only with --resume, and then intact and made with these settings."""
+    """Takes the lock, then checks every seed folder: a folder, its checkpoint only with --resume, and then
+    intact and made with these settings."""
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except OSError:  # EAGAIN or EACCES: another process holds it
@@ -380,13 +391,8 @@ def lock_and_check(args, lock):
             from None
     for seed in args.seeds:
         folder = os.path.join(args.out, f'seed{seed}')
-        try:
-            os.stat(longest := os.path.join(folder, 'checkpoint.pt.tmp'))
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # too long a path, a file where a folder goes, no permission
-            raise ValueError(f'--out {args.out}: the OS refuses {longest} ({e.strerror}): choose another '
-                             '--out') from None
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f'{folder} is not a folder: move it away, or choose another --out')
         if os.path.exists(checkpoint := os.path.join(folder, 'checkpoint.pt')):
             if not args.resume:
                 raise ValueError(f'{checkpoint} exists: pass --resume to continue it, or choose another '
@@ -656,11 +662,6 @@ def finish(r):
 # -----------------------------------------------------------------------------
 # small helpers
 
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
 def all_sum(t, world):
     if world > 1:
         dist.all_reduce(t)
@@ -801,7 +802,8 @@ def main(argv=None):
                                     timeout=timedelta(minutes=args.timeout))
         data.check_data_dir(args.dataset, args.data_dir, args.tasks)  # what the file system tells, first
         lock, new = claim_out(args) if rank == 0 else (None, [])
-        barrier(world)
+        if world > 1:
+            dist.barrier()
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
         done = [m for m in metrics if len(m['acc']) == args.tasks]
         if rank == 0 and len(done) > 1:
