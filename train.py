@@ -63,7 +63,7 @@ def parse_args(argv=None):
     a, row = p.add_argument, lambda k: f" (row; cifar100: {PAPER['cifar100', 10][k]})"
     a('--dataset', default='cifar100', choices=data.NAMES, help='a benchmark (downloaded when missing); '
       'folder: your images in --data-dir (SPEC section 7); synthetic: the offline demo')
-    a('--tasks', type=int, help='10 (synthetic: 5)')
+    a('--tasks', type=int, help='tasks, each the next classes of the class order: 10 (synthetic: 5)')
     a('--paper', action='store_true', help="the released code's own choices: its backbone (sup1k; cub200: "
       "sup21k), pixels in [0,1] without normalisation, fp32, --released-quirks; the rest is its row anyway")
     a('--released-quirks', action='store_true', help="reproduce the released code's slips (SPEC section 9)")
