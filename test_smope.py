@@ -536,7 +536,10 @@ def test_attach_torchvision_matches_ours(config, tmp_path):
     tv = VisionTransformer(**TV_TINY) if config == 'tiny' else torchvision.models.vit_b_16()
     tv.heads = nn.Identity()
     torch.save(tv.state_dict(), tmp_path / 'w.pth')
-    ours = load_weights(tiny_ours() if config == 'tiny' else ViT(), tmp_path / 'w.pth')
+    try:
+        ours = load_weights(tiny_ours() if config == 'tiny' else ViT(), tmp_path / 'w.pth')
+    finally:
+        (tmp_path / 'w.pth').unlink()  # ViT-B/16: 340 MB
     for model in (tv, ours):
         model.eval().requires_grad_(False)
     prompt = prompt_in_state(ours.heads, ours.head_dim)
@@ -621,7 +624,8 @@ def b16(tmp_path_factory):
     path = tmp_path_factory.mktemp('w') / 'tv_b16.pth'
     sd = tv.state_dict()
     torch.save(sd, path)
-    return tv, sd, path
+    yield tv, sd, path
+    path.unlink()  # 340 MB: nothing that large is left in pytest's temporary folder
 
 
 def test_parity_b16(b16):
@@ -658,7 +662,10 @@ def test_param_count(b16):
 def test_timm_layout(b16, tmp_path):
     _, sd, path = b16
     torch.save({'state_dict': tv_to_timm(sd)}, tmp_path / 'timm.pth')  # also exercises the 'state_dict' wrapper
-    a, b = load_weights(ViT(), path).eval(), load_weights(ViT(), tmp_path / 'timm.pth').eval()
+    try:
+        a, b = load_weights(ViT(), path).eval(), load_weights(ViT(), tmp_path / 'timm.pth').eval()
+    finally:
+        (tmp_path / 'timm.pth').unlink()  # 340 MB
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         diff = (a(x) - b(x)).abs().max().item()
