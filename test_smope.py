@@ -1,8 +1,9 @@
 """Tests of the SMoPE project, CPU only, nothing downloaded: `python3 -m pytest -q test_smope.py`.
 Sections: smope.py (the prompt, its losses, usage counts, NoRGa); smope.attach on other ViTs; vit.py (parity,
 weights, backbones by name, their downloads); data.py (CIFAR-100, ImageNet-R, CUB-200-2011, archives and
-downloads, batches and augmentation, unreadable images, a folder of your own); train.py (protocol and metrics, schedules, run folder
-and checkpoints, flags, torchrun, GPU-readiness, pictures and outputs); bench.py; docs (README and SPEC)."""
+downloads, batches and augmentation, unreadable images, a folder of your own); train.py (protocol and metrics,
+schedules, run folder and checkpoints, flags, torchrun, GPU-readiness, pictures and outputs); bench.py; docs
+(README and SPEC)."""
 import contextlib
 import hashlib
 import importlib.util
