@@ -2163,8 +2163,8 @@ def test_bad_flags_fail_before_any_work(argv, flag, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(train, 'vit_b_16', work)
     (tmp_path / 'FILE').write_text('x')
     (tmp_path / 'READONLY').mkdir(mode=0o500)
-    before = sorted(tmp_path.rglob('*'))
     (tmp_path / 'LOOP').symlink_to(tmp_path / 'LOOP')
+    before = sorted(tmp_path.rglob('*'))
     argv = [str(tmp_path / a) if a.split('/')[0] in ('FILE', 'READONLY', 'LOOP') else a for a in argv]
     try:
         code = train.main(FAST + ['--out', str(tmp_path / 'run')] + argv)
