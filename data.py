@@ -27,6 +27,7 @@ CUB_URL = 'https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?d
 CUB_MD5 = '97eceeb196236b17998738112f37df78'
 CUB_FILES = ('images.txt', 'image_class_labels.txt', 'train_test_split.txt')
 NAMES = ('cifar100', 'imagenet-r', 'cub200', 'folder', 'synthetic')
+CLASSES = {'cifar100': 100, 'imagenet-r': 200, 'cub200': 200, 'synthetic': 50}  # a folder's are counted
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')  # of torchvision's IMG_EXTENSIONS, those decode_image reads
 
 
@@ -69,8 +70,8 @@ def load(name, data_dir='data', download=True, split='fixed', seed=0):
 
 
 def check_data_dir(name, data_dir, tasks=None):
-    """What the file system tells before any download (train.py calls it before it makes --out): --data-dir
-    is a folder, or absent; a folder data set's tree is whole and `tasks` divides its classes."""
+    """What can be known before any download (train.py asks before it makes --out): --data-dir is a folder,
+    or absent; a folder data set's tree is whole; `tasks` divides the classes."""
     try:
         if name != 'synthetic' and not stat.S_ISDIR(os.stat(data_dir).st_mode):
             raise ValueError(f'--data-dir {data_dir} is not a folder')
@@ -78,8 +79,9 @@ def check_data_dir(name, data_dir, tasks=None):
         pass
     except OSError as e:  # a symbolic link loop, a file on the way, no permission
         raise ValueError(f'--data-dir {data_dir}: {e.strerror}') from None
-    if name == 'folder' and tasks and (C := folder(Path(data_dir).absolute(), 0)[0].num_classes) % tasks:
-        raise ValueError(f'--tasks {tasks} must divide the {C} classes in {data_dir}')
+    if tasks and (C := CLASSES.get(name) or folder(Path(data_dir).absolute(), 0)[0].num_classes) % tasks:
+        where = name if name in CLASSES else data_dir
+        raise ValueError(f'--tasks {tasks} must divide the {C} classes of {where}')
 
 
 def cifar100(data_dir, download):

@@ -83,17 +83,13 @@ def parse_args(argv=None):
     a('--ca-epochs', type=int, help='classifier alignment epochs' + row('ca_epochs'))
     a('--ca-ratio', type=int, help='alignment samples per class = batch size x ratio' + row('ca_ratio'))
     a('--ca-lr', type=float, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
-    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'],
-      help='linear = SMoPE; others = NoRGa')
+    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'], help='linear: SMoPE; NoRGa')
     a('--arch', choices=['vit_b_16', 'tiny'], help='backbone: ViT-B/16 (default), or the demo\'s tiny ViT')
     a('--weights', help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC section 7), a "
       "torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
-    a('--normalize', choices=['backbone', 'none'], help="'none' = pixels in [0,1] (the released code); "
-      "default: the backbone's own mean and std")
-    a('--split', default='fixed', choices=['fixed', 'random'],
-      help='imagenet-r: the released 24k/6k lists, or seeded 80/20')
-    a('--seeds', type=int, nargs='+', default=[0], help='one run per seed, each its class order (0-4: the '
-      "paper's five); several print mean and std")
+    a('--normalize', choices=['backbone', 'none'], help="the backbone's mean and std (default), or none: released")
+    a('--split', default='fixed', choices=['fixed', 'random'], help='imagenet-r: released lists, or 80/20')
+    a('--seeds', type=int, nargs='+', default=[0], help="a run per class order (0-4: the paper's five runs)")
     a('--data-dir', help='where data sets are downloaded and read (default: data); folder: your ROOT')
     a('--no-download', dest='download', action='store_false', help='never download (offline clusters)')
     a('--out', help='run folder (default runs/<dataset>-<tasks>)')
@@ -104,8 +100,7 @@ def parse_args(argv=None):
     a('--resume', action='store_true', help='continue after the last completed task in --out')
     a('--stop-after', type=int, help='stop after this many tasks (resume later with --resume)')
     a('--timeout', type=float, default=30, help='torchrun: minutes a rank waits for the others, then fails')
-    a('--eval-batch-size', type=int, default=256, help='batch of the usage (released: --batch-size), '
-      'statistics and evaluation passes')
+    a('--eval-batch-size', type=int, default=256, help='batch of the usage, statistics and evaluation passes')
     a('--workers', type=int, help='image decoding processes (imagenet-r, cub200, folder); default: cores - 1')
     a('--no-augment', dest='augment', action='store_false', help='train on un-augmented images')
     a('--dense', action='store_true', help='ablation: one shared prompt, all experts active')
@@ -140,9 +135,8 @@ def parse_args(argv=None):
     if args.precision == 'auto':
         args.precision = 'bf16' if args.device.startswith('cuda') else 'fp32'
     args.weights = None if str(args.weights).lower() == 'none' else args.weights
-    args.eps = args.eps if args.noise else 0.0
-    args.router_weight = args.router_weight if args.router else 0.0
-    args.proto_weight = args.proto_weight if args.proto else 0.0
+    for k, on in (('eps', args.noise), ('router_weight', args.router), ('proto_weight', args.proto)):
+        setattr(args, k, getattr(args, k) if on else 0.0)  # the ablation switches
     args.out = args.out or f'runs/{args.dataset}-{args.tasks}'
     if not 1 <= args.top_k <= args.experts:
         p.error(f'--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}')
@@ -154,19 +148,15 @@ def parse_args(argv=None):
         p.error('--split applies to imagenet-r only')
     positive = ('tasks epochs batch_size eval_batch_size lr ca_lr iter_step stop_after ca_ratio timeout '
                 'prompt_layers').split()
+    big = torch.finfo().max  # float32 where they are used (5 x lr, 10 x ca_lr); minutes that timedelta holds
+    most = dict(lr=big / 5, ca_lr=big / 10, timeout=timedelta.max.total_seconds() / 60)
     for k in positive + ['hold', 'ca_epochs', 'workers', 'eps', 'router_weight', 'proto_weight']:
-        v, pos = getattr(args, k), k in positive
-        top = torch.finfo().max / dict(lr=5, ca_lr=10).get(k, 1)  # float32 where used: 5 x lr, 10 x ca_lr
+        v, pos, top = getattr(args, k), k in positive, most.get(k, big)
         if v is not None and not (0 < v <= top if pos else 0 <= v <= top):  # `not`: NaN fails too
-            p.error(f"--{k.replace('_', '-')} must be {'> 0' if pos else 'at least 0'} and at most {top:.3g} "
-                    f'(float32 where it is used), got {v}')
+            p.error(f"--{k.replace('_', '-')} must be {'> 0' if pos else 'at least 0'} and at most "
+                    f'{top:.3g}, got {v}')
     if len(set(args.seeds)) < len(args.seeds) or not all(0 <= s < 2**32 for s in args.seeds):
         p.error(f'--seeds {" ".join(map(str, args.seeds))}: each once, from 0 to 2**32 - 1')
-    if args.timeout > timedelta.max.total_seconds() / 60:
-        p.error(f'--timeout {args.timeout}: at most {timedelta.max.total_seconds() / 60:.0f} minutes')
-    classes = dict(cifar100=100, cub200=200, synthetic=50).get(args.dataset, 200)  # a folder's: in main
-    if args.dataset != 'folder' and classes % args.tasks:
-        p.error(f'--tasks {args.tasks} must divide the {classes} classes of {args.dataset}')
     depth = TINY['depth'] if args.arch == 'tiny' else 12
     if args.prompt_layers > depth:
         p.error(f'--prompt-layers {args.prompt_layers}: the {args.arch} backbone has {depth} blocks')
@@ -342,9 +332,9 @@ def setup(args, seed, rank, world, device):
 
 
 def claim_out(args):
-    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new: the
-    folders made for --out, deepest first. Before any download: what the OS refuses of the run's longest paths,
-    then each seed's checkpoint (--resume only)."""
+    """(lock, new): rank 0 locks <out>/.lock for the run's life, so a second run on it stops at once; new:
+    the folders made for --out, deepest first. Before any download: the run's longest path must be one the
+    OS accepts, each seed's checkpoint one to resume (--resume only)."""
     for seed in args.seeds:
         try:
             os.stat(longest := os.path.join(args.out, f'seed{seed}', 'checkpoint.pt.tmp'))
@@ -556,8 +546,7 @@ def class_statistics(r, task):
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
     for f, i in task_features(r, task):
         f = f.double()
-        sums[0].index_add_(0, r.y_train[i], f)
-        sums[1].index_add_(0, r.y_train[i], f * f)
+        sums.index_add_(1, r.y_train[i], torch.stack([f, f * f]))
     all_sum(sums, r.world)
     n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None]
     n = n.clamp(min=1)  # images per class, known to every rank
@@ -752,10 +741,9 @@ def plot(r):
                              layout='constrained')
     colors = plt.get_cmap('viridis')(torch.linspace(0, 1, T).tolist())
     for l, ax in enumerate(axes[:, 0]):
-        bottom = torch.zeros(E, dtype=torch.float64)
         for t in range(T):
-            ax.bar(range(E), hits[t, l], bottom=bottom, color=colors[t], label=f'task {t + 1}')
-            bottom += hits[t, l]
+            ax.bar(range(E), hits[t, l], bottom=hits[:t, l].sum(0), color=colors[t], label=f'task {t + 1}')
+        bottom = hits[:, l].sum(0)
         u = share[l] > 0
         ax.scatter(torch.arange(E)[u], bottom[u] * 1.05 + 1, s=40 * share[l][u], marker='v', c='k')
         ax.set(ylabel='top-K hits', ylim=(0, 1.2 * bottom.max().item() + 1), xticks=range(E))
@@ -805,14 +793,13 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         metrics = [run(args, s, rank, world, device) for s in args.seeds]
-        done = [m for m in metrics if len(m['acc']) == args.tasks]
+        done = {s: m for s, m in zip(args.seeds, metrics) if len(m['acc']) == args.tasks}  # each seed once
         if rank == 0 and len(done) > 1:
-            done_seeds = [s for s, m in zip(args.seeds, metrics) if m in done]  # each once (parse_args)
-            summary = dict(seeds=done_seeds)
+            summary = dict(seeds=list(done))
             for k in ('faa', 'caa', 'forgetting'):
-                v = torch.tensor([m[k] for m in done], dtype=torch.float64)
+                v = torch.tensor([m[k] for m in done.values()], dtype=torch.float64)
                 summary[k] = dict(mean=v.mean().item(), std=v.std().item(), per_seed=v.tolist())
-                print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {done_seeds}")
+                print(f"{k}: {summary[k]['mean']:.2f} ± {summary[k]['std']:.2f} over seeds {list(done)}")
             atomic_save(summary, os.path.join(args.out, 'summary.json'))
         if rank == 0:
             print(f"results in {os.path.join(args.out, f'seed{args.seeds[0]}' * (len(args.seeds) == 1))}"
