@@ -1582,8 +1582,8 @@ def test_eval_does_not_depend_on_batch_size():
     feed = dict(device=torch.device('cpu'), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, workers=0)
     x = next(data.batches(test, idx, 64, False, None, **feed))[0]
     with torch.no_grad():
-        full = model.head(model.features(x))
-        single = torch.cat([model.head(model.features(x[b:b + 1])) for b in range(64)])
+        full = model.head(model.vit(x))
+        single = torch.cat([model.head(model.vit(x[b:b + 1])) for b in range(64)])
     assert (full - single).abs().max() <= 1e-5 and torch.equal(full.argmax(1), single.argmax(1))
     y = torch.arange(len(test)) % 10  # any labels: both batch sizes must count the same correct predictions
     autocast = lambda: torch.autocast('cpu', enabled=False)
@@ -2690,7 +2690,6 @@ def test_pictures_say_what_every_mark_means(base_run, tmp_path, monkeypatch):
             save(obj, path)
     save = train.atomic_save
     monkeypatch.setattr(train, 'atomic_save', keep)
-    monkeypatch.setattr('matplotlib.pyplot.close', lambda fig: None)
     m, _ = run_train(tmp_path, '--stop-after', '2')
     acc = figures['accuracy.png'].axes[0]
     assert acc.get_title() == f"synthetic, seed 0\nFAA {m['faa']:.2f}"

@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a('--arch', choices=['vit_b_16', 'tiny'], help='backbone: ViT-B/16 (default), or the demo\'s tiny ViT')
     a('--weights', help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC section 7), a "
       "torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
-    a('--normalize', choices=['backbone', 'none'], help="the backbone's mean and std (default), or none: released")
+    a('--normalize', choices=['backbone', 'none'], help="backbone: its mean and std (default); none: [0, 1]")
     a('--split', default='fixed', choices=['fixed', 'random'], help='imagenet-r: released lists, or 80/20')
     a('--seeds', type=int, nargs='+', default=[0], help="a run per class order (0-4: the paper's five runs)")
     a('--data-dir', help='where data sets are downloaded and read (default: data); folder: your ROOT')
@@ -470,7 +470,7 @@ def train_phase(r, task, name, dense, epochs):
             bad = torch.where((bad == never) & ~torch.isfinite(loss.detach()), j, bad)
             tot += stats
             if r.estimate and j == 1:  # a CPU waits for each step: the second alone, decoding included
-                estimate(r, (time.time() - t1) / args.batch_size, task)
+                estimate(r, (time.time() - t1) / args.batch_size, len(task.idx))
             t1 = time.time()
         n = (j + 1) * args.batch_size  # images this epoch: full global batches only
         all_sum(tot, r.world)
@@ -489,12 +489,12 @@ def train_phase(r, task, name, dense, epochs):
     return images, seconds
 
 
-def estimate(r, seconds, task):
-    """One line before the first epoch: the whole run's time at `seconds` per training image (a forward-only
-    image costs a third of that: usage, statistics and evaluation passes)."""
-    a, n, r.estimate = r.args, len(task.idx), False
-    epochs = a.tasks * a.epochs + (max(1, a.epochs // 2) if a.warmup and not a.dense else 0)
-    hours = seconds * (epochs * n + (2 * a.tasks * n + len(r.y_test) * (a.tasks + 1) / 2) / 3) / 3600
+def estimate(r, seconds, n):
+    """One line before the first epoch: the run's time at `seconds` per training image, n images per task; its
+    usage, statistics and evaluation passes (forward only) take about one epoch's time per task."""
+    a, r.estimate = r.args, False
+    epochs = a.tasks * (a.epochs + 1) + max(1, a.epochs // 2) * (a.warmup and not a.dense)  # warm-up: task 1
+    hours = seconds * n * epochs / 3600
     r.log(f'ViT-B/16 on a CPU: this run takes about {hours:.1f} hours ({seconds:.2f} s per training image); '
           'a GPU does it in a fraction of that, or try the offline demo: python train.py --dataset synthetic')
 
@@ -514,8 +514,7 @@ def step_loss(model, prompt, x, y, lo, hi, args):
 @torch.no_grad()
 def task_features(r, task, released=False):
     """(final CLS features, dataset indices) of ALL the task's training images (no drop_last, SPEC section 9),
-    prompts in evaluation mode, training augmentation as released. released: the released usage pass's
-    loader instead, shuffled batches with drop_last."""
+    prompts in evaluation mode, training augmentation as released; released: the released pass's loader."""
     r.model.eval()
     size = r.args.batch_size if released else r.args.eval_batch_size
     for x, i in data.batches(r.train_set, task.idx, size, r.args.augment, r.gen, drop_last=released,
@@ -586,15 +585,15 @@ def evaluate(r, task):
     """SPEC section 6 step 6: accuracy (%) on each seen task's test set over all seen classes, no task id."""
     r.model.eval()
     idx = torch.nonzero(r.y_test < task.hi).squeeze(1).cpu()
-    correct, images = torch.zeros(2, task.t + 1, dtype=torch.float64, device=r.y_test.device)  # per seen task
+    counts = torch.zeros(2, task.t + 1, dtype=torch.float64, device=r.y_test.device)  # right, all: per task
     for x, i in data.batches(r.test_set, idx, r.args.eval_batch_size, False, None, **r.feed):
         if len(i):
             with r.autocast():
                 pred = r.model.head(r.model.vit(x)).float()[:, :task.hi].argmax(1)
             y = r.y_test[i]
-            correct.index_add_(0, y // r.per_task, (pred == y).double())
-            images.index_add_(0, y // r.per_task, torch.ones_like(y, dtype=torch.float64))
-    return (100 * all_sum(correct, r.world) / all_sum(images, r.world).clamp(min=1)).tolist()
+            counts.index_add_(1, y // r.per_task, torch.stack([pred == y, torch.ones_like(y)]).double())
+    right, images = all_sum(counts, r.world)
+    return (100 * right / images.clamp(min=1)).tolist()
 
 
 def record(r, task, row, seconds, images_per_second):
@@ -715,15 +714,14 @@ def plot(r):
     """accuracy.png (the accuracy matrix) and usage.png (each task's top-K hits per expert, heads summed, a
     panel per prompted block; triangles: experts in the frequently-used set U, sized by share of heads)."""
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure  # not pyplot: no GUI backend, no figures kept open
     except ImportError:
         return
     m, prompt = r.metrics, r.model.prompt
     acc, T, name = m['acc'], len(m['acc']), f"{r.args.dataset}, seed {m['seed']}"
     grid = [[acc[t][i] if i <= t else float('nan') for i in range(T)] for t in range(T)]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * T, 1.5 + 0.45 * T), layout='constrained')
+    ax = (fig := Figure(figsize=(2.5 + 0.5 * T, 1.5 + 0.45 * T), layout='constrained')).subplots()
     im = ax.imshow(grid, vmin=0, vmax=100, cmap='viridis')
     ax.set(xticks=range(T), xticklabels=range(1, T + 1), yticks=range(T), yticklabels=range(1, T + 1),
            xlabel='task evaluated', ylabel='after training task', title=f"{name}\nFAA {m['faa']:.2f}")
@@ -733,13 +731,12 @@ def plot(r):
                     color='w' if acc[t][i] < 60 else 'k')
     fig.colorbar(im, ax=ax, label='accuracy (%)')
     atomic_save(fig, os.path.join(r.out, 'accuracy.png'))
-    plt.close(fig)
     hits = torch.tensor(m['task_usage'], dtype=torch.float64)  # (T, L, E)
     L, E = hits.shape[1:]
     share = prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
-    fig, axes = plt.subplots(L, 1, figsize=(3.5 + 0.25 * E, 1 + 1.4 * L), sharex=True, squeeze=False,
-                             layout='constrained')
-    colors = plt.get_cmap('viridis')(torch.linspace(0, 1, T).tolist())
+    fig = Figure(figsize=(3.5 + 0.25 * E, 1 + 1.4 * L), layout='constrained')
+    axes = fig.subplots(L, 1, sharex=True, squeeze=False)
+    colors = colormaps['viridis'](torch.linspace(0, 1, T))
     for l, ax in enumerate(axes[:, 0]):
         for t in range(T):
             ax.bar(range(E), hits[t, l], bottom=hits[:t, l].sum(0), color=colors[t], label=f'task {t + 1}')
@@ -755,7 +752,6 @@ def plot(r):
                ncols=math.ceil((T + 2) / (7 * L)))  # a column per 7 entries per panel: none overflows
     fig.suptitle(f'{name}: expert usage after task {T}\n(hits summed over {prompt.heads} heads)', fontsize=10)
     atomic_save(fig, os.path.join(r.out, 'usage.png'))
-    plt.close(fig)
 
 
 def main(argv=None):
