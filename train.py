@@ -736,7 +736,7 @@ def plot(r):
     share = prompt.frequent.double().mean(1).cpu()             # (L, E) heads with the expert in U
     fig = Figure(figsize=(3.5 + 0.25 * E, 1 + 1.4 * L), layout='constrained')
     axes = fig.subplots(L, 1, sharex=True, squeeze=False)
-    colors = colormaps['viridis'](torch.linspace(0, 1, T))
+    colors = colormaps['viridis'](torch.linspace(0, 1, T).tolist())
     for l, ax in enumerate(axes[:, 0]):
         for t in range(T):
             ax.bar(range(E), hits[t, l], bottom=hits[:t, l].sum(0), color=colors[t], label=f'task {t + 1}')
