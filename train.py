@@ -312,9 +312,8 @@ def setup(args, seed, rank, world, device):
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     metrics = dict(acc=[], task_seconds=[], images_per_second=[], peak_memory_mb=[], task_usage=[],
                    step_seconds=dict.fromkeys(STEPS, 0.0), seed=seed, world_size=world,
-                   peak_memory='per task, CUDA allocator' if device.type == 'cuda' else
-                   'process peak RSS so far',
-                   config=config(args, seed), weights_sha256=vit.weights_sha256,
+                   config=config(args, seed), weights_sha256=vit.weights_sha256, peak_memory='per task, CUDA '
+                   'allocator' if device.type == 'cuda' else 'process peak RSS so far',
                    trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    prompt_params=prompt.keys.numel() + prompt.values.numel(),
                    task_classes=[[names[c] for c in classes] for classes in tasks])
@@ -598,10 +597,9 @@ def evaluate(r, task):
 
 def record(r, task, row, seconds, images_per_second):
     m, prompt = r.metrics, r.model.prompt
-    m['acc'].append(row)
-    m['task_seconds'].append(seconds)
-    m['images_per_second'].append(images_per_second)
-    m['peak_memory_mb'].append(peak_memory_mb(r.device))
+    for k, v in dict(acc=row, task_seconds=seconds, images_per_second=images_per_second,
+                     peak_memory_mb=peak_memory_mb(r.device)).items():
+        m[k].append(v)
     usage = prompt.usage.cpu()
     m['task_usage'].append((usage - torch.tensor(m.get('usage', 0))).sum(1).tolist())  # (L, E) this task's
     m.update(summarise(m['acc']), usage=usage.tolist())
