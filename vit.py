@@ -182,20 +182,13 @@ def checksum(path, algorithm='sha256'):
 
 def _read(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin/.safetensors file "
-                                "or a weights name)")
-    st = path.endswith('.safetensors')
+        raise FileNotFoundError(f"weights file not found: {path} (give a .pth/.pt/.bin file or a "
+                                "weights name)")
     try:
-        if st:
-            from safetensors.torch import load_file
-        sd = load_file(path) if st else torch.load(path, map_location='cpu', weights_only=True)
-    except ImportError:
-        raise ValueError(f"{path}: reading .safetensors needs the safetensors package: "
-                         "pip install safetensors") from None
+        sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        what = 'not a readable safetensors file' if st else 'not a PyTorch checkpoint'
-        raise ValueError(f"{path}: {what} ({type(e).__name__}); expected a state dict saved with torch.save "
-                         "or safetensors") from e
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected a state dict "
+                         "saved with torch.save") from e
     for k in ('state_dict', 'model'):  # training checkpoints often wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
