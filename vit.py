@@ -46,7 +46,7 @@ class ViT(nn.Module):
         assert image_size % patch_size == 0 and width % heads == 0
         self.image_size, self.patch_size, self.width, self.depth = image_size, patch_size, width, depth
         self.heads, self.head_dim = heads, width // heads
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # input normalisation the weights expect
+        self.mean, self.std = HALF  # input normalisation the weights expect
         self.weights_sha256 = None  # of the weights file loaded (load_weights)
         n = (image_size // patch_size) ** 2
         self.patch_embed = nn.Module()  # a bare container so the conv is named patch_embed.proj like timm
@@ -103,19 +103,6 @@ def _tv_weights(name):
 
 def enum_name(weights):  # not a path: a torchvision enum name such as IMAGENET1K_V1
     return not os.path.exists(weights) and not os.path.splitext(weights)[1] and os.sep not in weights
-
-
-def resolve(weights, download=True):
-    """weights name or path -> (local file, (mean, std) or None: by key layout, sha256 prefix or None)."""
-    if weights in BACKBONES:
-        url, name, norm = BACKBONES[weights]
-        return cached(url, name, download), norm, None
-    if enum_name(weights):
-        enum, mean, std = _tv_weights(weights)
-        name = os.path.basename(enum.url)  # e.g. vit_b_16-c867db91.pth: torch.hub's sha256-prefix convention
-        prefix = re.search(r'-([0-9a-f]{6,})\.', name)
-        return cached(enum.url, name, download, prefix and prefix[1]), (mean, std), prefix and prefix[1]
-    return weights, None, None
 
 
 def cached(url, name, download, hash_prefix=None):
@@ -210,8 +197,7 @@ def _to_ours(sd, src):
     else:
         raise ValueError(f"{src}: key layout not recognised as torchvision or timm ViT "
                          f"(first keys: {', '.join(list(sd)[:4])})")
-    classifier = ('heads.', 'head.', 'pre_logits.')
-    return {k: v for k, v in sd.items() if not k.startswith(classifier)}, layout
+    return {k: v for k, v in sd.items() if not k.startswith(('heads.', 'head.', 'pre_logits.'))}, layout
 
 
 def _resize_pos(pe, n):
@@ -229,8 +215,17 @@ def load_weights(model, weights, download=True):
     sets model.mean, .std (the normalisation the weights expect), .weights_sha256; untouched on error."""
     if weights is None:
         return model
-    weights = os.fspath(weights)
-    path, norm, prefix = resolve(weights, download)
+    path = weights = os.fspath(weights)
+    norm = prefix = None  # the (mean, std) a name fixes, else the key layout's; the sha256 prefix of a name
+    if weights in BACKBONES:
+        url, name, norm = BACKBONES[weights]
+        path = cached(url, name, download)
+    elif enum_name(weights):
+        enum, *norm = _tv_weights(weights)
+        name = os.path.basename(enum.url)  # e.g. vit_b_16-c867db91.pth: torch.hub's sha256-prefix convention
+        found = re.search(r'-([0-9a-f]{6,})\.', name)
+        prefix = found and found[1]
+        path = cached(enum.url, name, download, prefix)
     digest = checksum(path) if os.path.isfile(path) else None
     if prefix and not digest.startswith(prefix):
         raise ValueError(f'{path}: sha256 {digest} does not start with the {prefix} of its name (a corrupt '
