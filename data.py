@@ -184,10 +184,9 @@ def fetch_archive(root, archive, url, md5, download, missing):
     with vit.locked(root):
         if root.is_dir():  # another run unpacked it while this one waited its turn
             return
-        if not path.is_file():
-            vit.fetch(url, path, 'md5', md5)
-        else:  # put there by hand, or left by an older run: checked all the same
+        if path.is_file():  # put there by hand, or left by an older run: checked all the same
             verify(path, md5, 'md5')
+        vit.fetch(url, path, 'md5', md5)  # unless it is there
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with tarfile.open(path) as tar:
@@ -295,9 +294,8 @@ def remap(labels, order):
 
 def crop_boxes(n, H, W, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params for n images at once: (n,4) int64 top, left, h, w."""
-    log_ratio = torch.log(torch.tensor(ratio))
     area = H * W * torch.empty(n, 10).uniform_(*scale, generator=g)  # 10 tries per image, at once
-    aspect = torch.exp(torch.empty(n, 10).uniform_(log_ratio[0], log_ratio[1], generator=g))
+    aspect = torch.exp(torch.empty(n, 10).uniform_(*torch.log(torch.tensor(ratio)), generator=g))
     w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = ok.int().argmax(1, keepdim=True)  # the first of the 10 tries that fits
@@ -380,13 +378,12 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
     starts = range(0, len(idx) - (batch_size - 1 if drop_last else 0), batch_size)
 
     if ds.files is None:
-        H, W = ds.images.shape[2:]
         for s in starts:
             b = idx[s:s + batch_size]
             i = put(mine(b))
             x = ds.on(device)[i]  # (b,3,H,W) uint8
             if train:  # draw for the whole global batch, so every rank draws the same
-                boxes = crop_boxes(len(b), H, W, generator)
+                boxes = crop_boxes(len(b), *ds.images.shape[2:], generator)
                 flips = torch.rand(len(b), generator=generator) < 0.5
                 x = augment(x, put(mine(boxes)), put(mine(flips)), S)
             else:
