@@ -83,7 +83,8 @@ def parse_args(argv=None):
     a('--ca-epochs', type=int, help='classifier alignment epochs' + row('ca_epochs'))
     a('--ca-ratio', type=int, help='alignment samples per class = batch size x ratio' + row('ca_ratio'))
     a('--ca-lr', type=float, help='alignment lr, per-iteration cosine down to 1e-6 (1e-5)')
-    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'], help='linear: SMoPE; NoRGa')
+    a('--gate', default='linear', choices=['linear', 'tanh', 'sigmoid', 'gelu'],
+      help="linear: SMoPE's gate; tanh, sigmoid, gelu: NoRGa's")
     a('--arch', choices=['vit_b_16', 'tiny'], help='backbone: ViT-B/16 (default), or the demo\'s tiny ViT')
     a('--weights', help="backbone: sup21k, sup1k, dino1k, ibot1k (the released code's, SPEC section 7), a "
       "torchvision enum (default IMAGENET1K_V1), a torchvision/timm checkpoint file, or 'none'")
