@@ -39,8 +39,7 @@ class Images:
     images: torch.Tensor | None = None  # (N,3,h,w) uint8
     files: list[str] | None = None      # absolute paths
     classes: list[str] | None = None    # class names by id, where the data set has its own
-    # device -> the images there; (size, resize) -> decoded test images
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # device -> images there; (S, resize) -> tests
 
     def __len__(self):
         return len(self.labels)
@@ -166,12 +165,6 @@ def read_split(path):
     return [s[2:].strip() for s in lines[1:k]], [int(s[2:]) for s in lines[k + 1:]]
 
 
-def verify(path, expected, algorithm='sha256'):
-    if (got := vit.checksum(path, algorithm)) != expected:
-        raise ValueError(f'{path}: {algorithm} {got} does not match the expected {expected}: delete it to '
-                         'download it again')
-
-
 def fetch_archive(root, archive, url, md5, download, missing):
     """Unless folder root is there (else `missing`, under download=False): download `archive` beside it unless
     it is there, check it and unpack it so that root appears whole or not at all (extracted into a hidden
@@ -184,8 +177,9 @@ def fetch_archive(root, archive, url, md5, download, missing):
     with vit.locked(root):
         if root.is_dir():  # another run unpacked it while this one waited its turn
             return
-        if path.is_file():  # put there by hand, or left by an older run: checked all the same
-            verify(path, md5, 'md5')
+        if path.is_file() and (got := vit.checksum(path, 'md5')) != md5:  # put there by hand, or left earlier
+            raise ValueError(f'{path}: md5 {got} does not match the expected {md5}: delete it to download it '
+                             'again')
         vit.fetch(url, path, 'md5', md5)  # unless it is there
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -284,10 +278,8 @@ def split_tasks(order, tasks):
     return [order[t * n:(t + 1) * n] for t in range(tasks)]
 
 
-def remap(labels, order):
-    pos = torch.empty(len(order), dtype=torch.long)
-    pos[torch.tensor(order)] = torch.arange(len(order))
-    return pos[labels.cpu()].to(labels.device)
+def remap(labels, order):  # class id -> its position in the order (argsort inverts a permutation)
+    return torch.argsort(torch.tensor(order))[labels.cpu()].to(labels.device)
 
 # -----------------------------------------------------------------------------
 # batches
@@ -410,6 +402,7 @@ def batches(ds, idx, batch_size, train, generator, device, image_size=224, mean=
             try:
                 x = next(loader)
             except ValueError as e:  # a worker's error comes with its traceback in the message: keep our line
+                loader = e.__traceback__ = None  # workers stop now (no frame holds them), not at a later gc
                 raise ValueError(str(e).splitlines()[-1].removeprefix('ValueError: ')) from None
             if store is not None:
                 store.update((k, xk.clone()) for (k, _), xk in zip(b, x))

@@ -986,7 +986,7 @@ def test_real_split_lists():
     files = {}
     for part, n in (('train', 24000), ('test', 6000)):
         path = SHARED / f'imagenet-r_{part}.yaml'
-        data.verify(path, data.SPLIT_SHA256[part])
+        assert vit.checksum(path) == data.SPLIT_SHA256[part]
         files[part], labels = data.read_split(path)
         assert len(files[part]) == len(labels) == n and len(set(files[part])) == n
         assert sorted(set(labels)) == list(range(200))
@@ -1101,12 +1101,15 @@ def test_cub200_download(cub_dir, tmp_path_factory, monkeypatch):
 
 
 def test_verify_and_fetch(tmp_path):
+    """An archive put beside the data set by hand is checked like a download and, when wrong, named and kept."""
+    f = tmp_path / 'imagenet-r.tar'
+    f.write_text('precious')
+    msg = one_line_error(data.fetch_archive, tmp_path / 'imagenet-r', f.name, 'https://x.invalid/a.tar',
+                         '0' * 32, True, 'missing')
+    assert str(f) in msg and '0' * 32 in msg and hashlib.md5(b'precious').hexdigest() in msg
+    assert f.read_text() == 'precious' and sorted(os.listdir(tmp_path)) == ['imagenet-r.tar']
     f = tmp_path / 'imagenet-r_train.yaml'
     f.write_text('precious')
-    msg = one_line_error(data.verify, f, '0' * 64)
-    assert str(f) in msg and '0' * 64 in msg and hashlib.sha256(b'precious').hexdigest() in msg
-    assert f.read_text() == 'precious'
-    data.verify(f, hashlib.sha256(b'precious').hexdigest())
     # a download lands under a temporary name and replaces the target only once verified; a failed one leaves
     # nothing, and a leftover .part from a killed run is no obstacle
     target = tmp_path / 'imagenet-r_test.yaml'
@@ -1535,8 +1538,21 @@ def run_train(tmp_path, *extra, name='run'):
 
 
 @pytest.fixture(scope='module')
-def base_run(tmp_path_factory):
+def base_run(tmp_path_factory):  # made before any test's monkeypatch: it draws its pictures
     return run_train(tmp_path_factory.mktemp('base'))
+
+
+@pytest.fixture(autouse=True)
+def pictures_where_tested(request, monkeypatch):
+    """Drawing the two pictures after every task is a third of a demo task's time on 2 cores: the tests that ask
+    for `pictures` (theirs, and the pretend GPU's, which checks where their data lives) draw them; others skip."""
+    if 'pictures' not in request.fixturenames:
+        monkeypatch.setattr(train, 'plot', lambda r: None)
+
+
+@pytest.fixture
+def pictures():
+    """train.py draws its pictures in this test."""
 
 
 # -----------------------------------------------------------------------------
@@ -1893,7 +1909,7 @@ def test_one_run_per_out(tmp_path, capsys):
             break
     assert train.main(FAST + ['--out', str(out)]) == 2
     got, err = capsys.readouterr()
-    assert err == f'error: --out {out} is in use by another run: wait, or choose another --out\n' and not got
+    assert err == f'error: --out {out} is in use by another run: wait or choose another --out\n' and not got
     first.stdout.read()
     assert first.wait(timeout=110) == 0
     assert torch.load(out / 'seed0' / 'checkpoint.pt', weights_only=False)['task'] == 1
@@ -2547,7 +2563,7 @@ CUB_TINY = ['--dataset', 'cub200', '--arch', 'tiny', '--weights', 'none', '--pro
 
 
 @pytest.mark.parametrize('dataset', ['synthetic', 'cub200'])
-def test_the_whole_protocol_on_a_pretend_gpu(dataset, cub_dir, tmp_path, pretend_gpu, monkeypatch):
+def test_the_whole_protocol_on_a_pretend_gpu(dataset, cub_dir, tmp_path, pretend_gpu, pictures, monkeypatch):
     """train.py --device cuda, run and resumed on a pretend GPU (PretendGPU; its fused AdamW is CPU's), with images
     held as one tensor (synthetic) and as JPEG files (CUB-200 in its layout, DataLoader without workers): every
     parameter, buffer, label and statistic is on the device, no op mixes devices or draws from a CPU generator on
@@ -2587,7 +2603,7 @@ def test_a_chosen_gpu_is_the_current_one(tmp_path, pretend_gpu, monkeypatch, cap
 # -----------------------------------------------------------------------------
 # pictures and outputs
 
-def test_usage_picture_and_missing_matplotlib(base_run, tmp_path, monkeypatch, capsys):
+def test_usage_picture_and_missing_matplotlib(base_run, pictures, tmp_path, monkeypatch, capsys):
     m, out = base_run
     seed = Path(out, 'seed0')
     usage = torch.tensor(m['usage'])                                   # (L, H, E)
@@ -2608,7 +2624,7 @@ def test_usage_picture_and_missing_matplotlib(base_run, tmp_path, monkeypatch, c
     assert not list(Path(tmp_path, 'run', 'seed0').glob('*.png'))
 
 
-def test_failed_picture_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_failed_picture_write_leaves_nothing(pictures, tmp_path, monkeypatch, capsys):
     """A full disk while accuracy.png is written: one line, no *.tmp left, task 1's checkpoint kept."""
     figure = pytest.importorskip('matplotlib.figure')
 
@@ -2665,7 +2681,7 @@ def test_the_last_line_names_the_folder(tmp_path, capsys):
     assert out[-1] == f'results in {tmp_path / "run" / "seed0"} (a second run there needs --resume or another --out)'
 
 
-def test_pictures_say_what_every_mark_means(base_run, tmp_path, monkeypatch):
+def test_pictures_say_what_every_mark_means(pictures, tmp_path, monkeypatch):
     pytest.importorskip('matplotlib')
     figures = {}
 

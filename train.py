@@ -208,7 +208,6 @@ def ca_lr_schedule(args, earlier_classes):
 
 class Learner(nn.Module):
     """Frozen ViT with the prompt attached + linear head. forward returns (logits, router loss) for DDP."""
-
     def __init__(self, vit, prompt, num_classes):
         super().__init__()
         self.vit = attach(vit.requires_grad_(False), prompt)  # freeze first: attach makes the prompt a child
@@ -231,6 +230,7 @@ class SeedRun:
     per_task: int             # classes per task
     feed: dict                # data.batches settings
     out: str                  # this seed's folder
+    checkpoint: str           # out/checkpoint.pt
     rank: int
     world: int
     device: torch.device
@@ -246,10 +246,6 @@ class SeedRun:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == 'bf16')
-
-    @property
-    def checkpoint(self):
-        return os.path.join(self.out, 'checkpoint.pt')
 
 
 Task = namedtuple('Task', 't lo hi idx')  # t 0-based; its logits [lo, hi), seen classes [0, hi); its images
@@ -268,20 +264,14 @@ def run(args, seed, rank, world, device):
         phases = [('train', args.dense, args.epochs)]  # SPEC section 6 steps 1-2: task 1 opens with a warm-up
         if t == 0 and args.warmup and not args.dense:
             phases.insert(0, ('warm-up', True, max(1, args.epochs // 2)))
-        with timed(r, 'training'):
-            images, seconds = zip(*[train_phase(r, task, *phase) for phase in phases])
-        with timed(r, 'usage pass'):
-            usage_pass(r, task)
-        with timed(r, 'statistics'):
-            class_statistics(r, task)
+        images, seconds = zip(*timed(r, 'training', lambda: [train_phase(r, task, *p) for p in phases]))
+        timed(r, 'usage pass', usage_pass, r, task)
+        timed(r, 'statistics', class_statistics, r, task)
         if t > 0 and args.ca:
-            with timed(r, 'alignment'):
-                align_classifier(r, task)
-        with timed(r, 'evaluation'):
-            row = evaluate(r, task)
+            timed(r, 'alignment', align_classifier, r, task)
+        row = timed(r, 'evaluation', evaluate, r, task)
         record(r, task, row, time.time() - t0, sum(images) / max(sum(seconds), 1e-9))
-        with timed(r, 'checkpointing'):
-            save_checkpoint(r, task)
+        timed(r, 'checkpointing', save_checkpoint, r, task)
     finish(r)
     return r.metrics
 
@@ -320,11 +310,11 @@ def setup(args, seed, rank, world, device):
                    task_classes=[[names[c] for c in classes] for classes in tasks])
     stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
     y_train, y_test = (data.remap(s.labels, order).to(device) for s in (train_set, test_set))
+    out = os.path.join(args.out, f'seed{seed}')
     r = SeedRun(args=args, model=model, ddp=ddp, train_set=train_set, test_set=test_set, y_train=y_train,
-                y_test=y_test, per_task=len(tasks[0]), feed=feed, stats=stats,
-                metrics=metrics, out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world,
-                device=device, gen=torch.Generator().manual_seed(seed),
-                ca_gen=torch.Generator().manual_seed(seed + 10_000),
+                y_test=y_test, per_task=len(tasks[0]), feed=feed, stats=stats, metrics=metrics, out=out,
+                checkpoint=os.path.join(out, 'checkpoint.pt'), rank=rank, world=world, device=device,
+                gen=torch.Generator().manual_seed(seed), ca_gen=torch.Generator().manual_seed(seed + 10_000),
                 estimate=device.type == 'cpu' and args.arch == 'vit_b_16')
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
         r.log(f'backbone {args.weights}: sha256 {vit.weights_sha256}')
@@ -377,8 +367,7 @@ def lock_and_check(args, lock):
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: forked loader workers do not hold it
     except OSError:  # EAGAIN or EACCES: another process holds it
-        raise ValueError(f'--out {args.out} is in use by another run: wait, or choose another --out') \
-            from None
+        raise ValueError(f'--out {args.out} is in use by another run: wait or choose another --out') from None
     for seed in args.seeds:
         folder = os.path.join(args.out, f'seed{seed}')
         if os.path.exists(folder) and not os.path.isdir(folder):
@@ -406,12 +395,11 @@ def read_checkpoint(path, now, r=None):
         diff = [f'{k}: checkpoint {saved.get(k)!r}, now {v!r}' if k != 'classes' else 'the classes per task'
                 for k, v in now.items() if saved.get(k) != v]
         if r and not diff:
-            r.model.prompt.load_state_dict(ck['prompt'])
-            r.model.head.load_state_dict(ck['head'])
-            r.stats = {k: v.to(r.device) for k, v in ck['stats'].items()}
-            r.gen.set_state(ck['gen'])
-            r.ca_gen.set_state(ck['ca_gen'])
-            r.metrics = m
+            for k in ('prompt', 'head'):
+                getattr(r.model, k).load_state_dict(ck[k])
+            for k in ('gen', 'ca_gen'):  # the generators of shuffling, augmentation and alignment
+                getattr(r, k).set_state(ck[k])
+            r.stats, r.metrics = {k: v.to(r.device) for k, v in ck['stats'].items()}, m
     except Exception as e:
         raise ValueError(f'{path} is not a readable checkpoint of train.py ({type(e).__name__}: '
                          f'{" ".join(str(e).split())}): move it away, or choose another --out') from None
@@ -494,9 +482,8 @@ def estimate(r, seconds, n):
     usage, statistics and evaluation passes (forward only) take about one epoch's time per task."""
     a, r.estimate = r.args, False
     epochs = a.tasks * (a.epochs + 1) + max(1, a.epochs // 2) * (a.warmup and not a.dense)  # warm-up: task 1
-    hours = seconds * n * epochs / 3600
-    r.log(f'ViT-B/16 on a CPU: this run takes about {hours:.1f} hours ({seconds:.2f} s per training image); '
-          'a GPU does it in a fraction of that, or try the offline demo: python train.py --dataset synthetic')
+    r.log(f'ViT-B/16 on a CPU: this run takes about {seconds * n * epochs / 3600:.1f} hours ({seconds:.2f}'
+          ' s per training image): a GPU takes a fraction; offline demo: python train.py --dataset synthetic')
 
 
 def step_loss(model, prompt, x, y, lo, hi, args):
@@ -544,11 +531,10 @@ def class_statistics(r, task):
     """SPEC section 6 step 4: per-class mean and population variance of the task's final CLS features."""
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
     for f, i in task_features(r, task):
-        f = f.double()
-        sums.index_add_(1, r.y_train[i], torch.stack([f, f * f]))
+        sums.index_add_(1, r.y_train[i], torch.stack([f.double(), f.double().square()]))
     all_sum(sums, r.world)
-    n = torch.bincount(r.y_train[task.idx.to(r.device)], minlength=task.hi)[task.lo:task.hi, None]
-    n = n.clamp(min=1)  # images per class, known to every rank
+    # images per class, known to every rank
+    n = torch.bincount(r.y_train[task.idx.to(r.device)] - task.lo, minlength=r.per_task)[:, None].clamp(min=1)
     mean = r.stats['mean'][task.lo:task.hi] = sums[0, task.lo:task.hi] / n
     r.stats['var'][task.lo:task.hi] = (sums[1, task.lo:task.hi] / n - mean ** 2).clamp(min=0)
 
@@ -688,15 +674,15 @@ def summarise(acc):
 # -----------------------------------------------------------------------------
 # instrumentation: step times, memory and the pictures
 
-@contextlib.contextmanager
-def timed(r, step):
-    """Adds the wall time of one protocol step to metrics['step_seconds'] (CUDA work included)."""
+def timed(r, step, fn, *a):
+    """fn(*a), its wall time (CUDA work included) added to metrics['step_seconds'][step]: a protocol step."""
     sync = torch.cuda.synchronize if r.device.type == 'cuda' else (lambda: None)
     sync()
     t0 = time.time()
-    yield
+    out = fn(*a)
     sync()
     r.metrics['step_seconds'][step] += time.time() - t0
+    return out
 
 
 def peak_memory_mb(device):  # CUDA: peak allocation since the last call (a task); CPU: the process's peak RSS
@@ -738,8 +724,7 @@ def plot(r):
         for t in range(T):
             ax.bar(range(E), hits[t, l], bottom=hits[:t, l].sum(0), color=colors[t], label=f'task {t + 1}')
         bottom = hits[:, l].sum(0)
-        u = share[l] > 0
-        ax.scatter(torch.arange(E)[u], bottom[u] * 1.05 + 1, s=40 * share[l][u], marker='v', c='k')
+        ax.scatter(range(E), bottom * 1.05 + 1, s=40 * share[l], marker='v', c='k')  # size 0: not in U
         ax.set(ylabel='top-K hits', ylim=(0, 1.2 * bottom.max().item() + 1), xticks=range(E))
         ax.set_title(f'block {l}', loc='left', fontsize=9)
     for size, heads in ((40, 'all heads'), (20, 'half the heads')):  # legend entries for the markers

@@ -223,8 +223,7 @@ def load_weights(model, weights, download=True):
     elif enum_name(weights):
         enum, *norm = _tv_weights(weights)
         name = os.path.basename(enum.url)  # e.g. vit_b_16-c867db91.pth: torch.hub's sha256-prefix convention
-        found = re.search(r'-([0-9a-f]{6,})\.', name)
-        prefix = found and found[1]
+        prefix = (found := re.search(r'-([0-9a-f]{6,})\.', name)) and found[1]
         path = cached(enum.url, name, download, prefix)
     digest = checksum(path) if os.path.isfile(path) else None
     if prefix and not digest.startswith(prefix):
