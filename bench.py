@@ -60,9 +60,10 @@ def parse_args(argv=None):
         p.error(f'--json {args.json}: no such folder')
     args.router_weight = args.proto_weight = 1e-5  # e's loss weights (train.step_loss reads them)
     if args.quick:
-        args.batch_size, args.repeats, args.warmup = args.batch_size or 2, 1, args.warmup or 1
+        args.batch_size, args.repeats = args.batch_size or 2, 1
     args.batch_size = args.batch_size or (128 if args.counts else 64 if args.device == 'cuda' else 8)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.device == 'cuda' else 1)
+    if args.warmup is None:
+        args.warmup = 2 if args.device == 'cuda' and not args.quick else 1
     return args
 
 
