@@ -1617,7 +1617,7 @@ def record(monkeypatch):
 @pytest.mark.parametrize('flag', [None, '--dense', '--no-warmup', '--no-noise', '--no-router', '--no-proto', '--no-ca'])
 def test_ablation_switches(flag, tmp_path, monkeypatch):
     seen = record(monkeypatch)
-    extra = ['--stop-after', '2'] + ([flag] if flag else [])
+    extra = ['--tasks', '10', '--stop-after', '2'] + ([flag] if flag else [])  # 10 tasks: smaller ones
     m, out = run_train(tmp_path, *extra)
     cfg = m['config']
     train_calls = {(d, e) for d, tr, e in seen['calls'] if tr}
@@ -2268,7 +2268,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     so matmuls see other shapes and DDP sums gradients in another order: parameters then differ by float32
     rounding (~1e-7 relative per step) and nothing else. Accuracy and usage counts are discrete and agree
     exactly; class statistics agree to 1e-5 (their values are O(1), so this is still ~100x the rounding seen)."""
-    args = FAST + ['--no-augment', '--stop-after', '3']
+    args = FAST + ['--tasks', '10', '--no-augment', '--stop-after', '3']
     run_train(tmp_path, *args[len(FAST):], name='one')  # 1 process: this one
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
     r = subprocess.run(cmd + args + ['--out', str(tmp_path / 'two')], env=dict(os.environ, OMP_NUM_THREADS='1'),
@@ -2321,7 +2321,7 @@ sys.exit(train.main(sys.argv[1:]))
 def test_torchrun_released_usage_pass(tmp_path):
     """Under torchrun the released usage pass sums each batch's hits over the ranks before they join `usage`:
     2 ranks count as 1 (each rank alone would see half of every batch)."""
-    args = FAST + ['--no-augment', '--stop-after', '2', '--released-quirks']
+    args = FAST + ['--tasks', '10', '--no-augment', '--stop-after', '2', '--released-quirks']
     one, _ = run_train(tmp_path, *args[len(FAST):], name='one')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
     r = subprocess.run(cmd + args + ['--out', str(tmp_path / 'two')], env=dict(os.environ, OMP_NUM_THREADS='1'),
@@ -2329,7 +2329,7 @@ def test_torchrun_released_usage_pass(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     two = torch.load(tmp_path / 'two' / 'seed0' / 'checkpoint.pt', weights_only=False)
     assert two['metrics']['world_size'] == 2 and two['metrics']['acc'] == one['acc']
-    assert two['prompt']['usage'].tolist() == one['usage'] and two['prompt']['usage'].sum() == 2 * 4 * 2 * 2 * 384  # L, H, top-2, tasks
+    assert two['prompt']['usage'].tolist() == one['usage'] and two['prompt']['usage'].sum() == 2 * 4 * 2 * 2 * 192  # L, H, top-2, tasks
 
 
 def test_torchrun_failing_rank_speaks_last(tmp_path):
@@ -2345,9 +2345,9 @@ if os.environ['RANK'] == '1' and os.environ.get('FAIL'):
     data.load = load
 sys.exit(train.main(sys.argv[1:]))
 """)
-    _, out = run_train(tmp_path, '--stop-after', '1')  # the checkpoint to resume, made by one process
+    _, out = run_train(tmp_path, '--tasks', '10', '--stop-after', '1')  # to resume; made by one process
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
-    cmd += FAST + ['--out', out, '--resume']
+    cmd += FAST + ['--out', out, '--tasks', '10', '--resume']
     env = dict(os.environ, OMP_NUM_THREADS='1', FAIL='1')
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert r.returncode != 0
@@ -2387,8 +2387,9 @@ def test_torchrun_a_rank_failing_mid_run_speaks_last(tmp_path):
     freezing alpha and tau after task 1 rebuilds DDP, which would otherwise wait for their gradients in task 2."""
     cmd = failing_rank_script(tmp_path, "            raise ValueError('/data/x.jpg: not a readable image "
                                         "(truncated or corrupt?): replace it, then --resume')")
-    r = subprocess.run(cmd + FAST + ['--out', str(tmp_path / 'out'), '--stop-after', '2', '--gate', 'tanh'],
-                       capture_output=True, text=True, timeout=110, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    argv = FAST + ['--out', str(tmp_path / 'out'), '--tasks', '10', '--stop-after', '2', '--gate', 'tanh']
+    r = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=110,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode != 0
     assert ranks_lines(r.stderr)[-1] == ('error: /data/x.jpg: not a readable image (truncated or corrupt?): '
                                          'replace it, then --resume'), r.stderr[-3000:]
@@ -2400,8 +2401,9 @@ def test_torchrun_a_rank_that_stops_answering_is_named(tmp_path):
     """Rank 1 freezes at task 1's statistics: after --timeout rank 0 says which rank did not answer, in one line,
     with no traceback."""
     cmd = failing_rank_script(tmp_path, '            time.sleep(300)', t=0)
-    r = subprocess.run(cmd + FAST + ['--out', str(tmp_path / 'out'), '--stop-after', '1', '--timeout', '0.1'],
-                       capture_output=True, text=True, timeout=110, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    argv = FAST + ['--out', str(tmp_path / 'out'), '--tasks', '10', '--stop-after', '1', '--timeout', '0.1']
+    r = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=110,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode != 0
     assert ranks_lines(r.stderr)[-1] == ('error: rank 1 did not answer within --timeout 0.1 minutes: see its '
                                          'output, or raise --timeout'), r.stderr[-3000:]
