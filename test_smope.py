@@ -2359,7 +2359,9 @@ sys.exit(train.main(sys.argv[1:]))
     assert 'rank      : 1 (local_rank: 1)' in root and 'exitcode  : 2' in root, root
 
 
-def failing_rank_script(tmp_path, body, t=1):
+def failing_rank(tmp_path, body, t, *extra):
+    """torchrun with 2 ranks, FAST on 10 tasks, rank 1 running `body` at the start of task t + 1's statistics:
+    the run must fail; its stderr."""
     script = tmp_path / 'run.py'
     script.write_text(f"""import os, sys, time
 sys.path.insert(0, {REPO!r})
@@ -2373,7 +2375,11 @@ if os.environ['RANK'] == '1':
     train.class_statistics = class_statistics
 sys.exit(train.main(sys.argv[1:]))
 """)
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
+    r = subprocess.run(cmd + FAST + ['--out', str(tmp_path / 'out'), '--tasks', '10', *extra], capture_output=True,
+                       text=True, timeout=110, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode != 0
+    return r.stderr
 
 
 def ranks_lines(stderr):  # what the ranks printed, before torchrun's own report
@@ -2385,29 +2391,21 @@ def test_torchrun_a_rank_failing_mid_run_speaks_last(tmp_path):
     """Rank 1 alone meets an unreadable image at task 2's statistics: its one line is the last any rank prints,
     rank 0 (waiting in a collective) exits without a traceback, the run exits non-zero. With the NoRGa gate:
     freezing alpha and tau after task 1 rebuilds DDP, which would otherwise wait for their gradients in task 2."""
-    cmd = failing_rank_script(tmp_path, "            raise ValueError('/data/x.jpg: not a readable image "
-                                        "(truncated or corrupt?): replace it, then --resume')")
-    argv = FAST + ['--out', str(tmp_path / 'out'), '--tasks', '10', '--stop-after', '2', '--gate', 'tanh']
-    r = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=110,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert r.returncode != 0
-    assert ranks_lines(r.stderr)[-1] == ('error: /data/x.jpg: not a readable image (truncated or corrupt?): '
-                                         'replace it, then --resume'), r.stderr[-3000:]
-    assert r.stderr.count('error:') == 1 and r.stderr.count('Traceback') == 1  # torchrun's own
+    err = failing_rank(tmp_path, "            raise ValueError('/data/x.jpg: not a readable image (truncated or "
+                       "corrupt?): replace it, then --resume')", 1, '--stop-after', '2', '--gate', 'tanh')
+    assert ranks_lines(err)[-1] == ('error: /data/x.jpg: not a readable image (truncated or corrupt?): '
+                                    'replace it, then --resume'), err[-3000:]
+    assert err.count('error:') == 1 and err.count('Traceback') == 1  # torchrun's own
     assert torch.load(tmp_path / 'out' / 'seed0' / 'checkpoint.pt', weights_only=False)['task'] == 1
 
 
 def test_torchrun_a_rank_that_stops_answering_is_named(tmp_path):
     """Rank 1 freezes at task 1's statistics: after --timeout rank 0 says which rank did not answer, in one line,
     with no traceback."""
-    cmd = failing_rank_script(tmp_path, '            time.sleep(300)', t=0)
-    argv = FAST + ['--out', str(tmp_path / 'out'), '--tasks', '10', '--stop-after', '1', '--timeout', '0.1']
-    r = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=110,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert r.returncode != 0
-    assert ranks_lines(r.stderr)[-1] == ('error: rank 1 did not answer within --timeout 0.1 minutes: see its '
-                                         'output, or raise --timeout'), r.stderr[-3000:]
-    assert r.stderr.count('error:') == 1 and r.stderr.count('Traceback') == 1
+    err = failing_rank(tmp_path, '            time.sleep(300)', 0, '--stop-after', '1', '--timeout', '0.1')
+    assert ranks_lines(err)[-1] == ('error: rank 1 did not answer within --timeout 0.1 minutes: see its '
+                                    'output, or raise --timeout'), err[-3000:]
+    assert err.count('error:') == 1 and err.count('Traceback') == 1
 
 
 
