@@ -230,7 +230,6 @@ class SeedRun:
     per_task: int             # classes per task
     feed: dict                # data.batches settings
     out: str                  # this seed's folder
-    checkpoint: str           # out/checkpoint.pt
     rank: int
     world: int
     device: torch.device
@@ -239,6 +238,7 @@ class SeedRun:
     stats: dict               # SPEC section 6 step 4: 'mean', 'var', (C, width) float64
     metrics: dict
     estimate: bool = False    # ViT-B/16 on a CPU: print the run's time, measured on its second step
+    checkpoint = property(lambda self: os.path.join(self.out, 'checkpoint.pt'))  # derived: not a field
 
     def log(self, *a):
         if self.rank == 0:
@@ -310,10 +310,9 @@ def setup(args, seed, rank, world, device):
                    task_classes=[[names[c] for c in classes] for classes in tasks])
     stats = {k: torch.zeros(C, vit.width, dtype=torch.float64, device=device) for k in ('mean', 'var')}
     y_train, y_test = (data.remap(s.labels, order).to(device) for s in (train_set, test_set))
-    out = os.path.join(args.out, f'seed{seed}')
     r = SeedRun(args=args, model=model, ddp=ddp, train_set=train_set, test_set=test_set, y_train=y_train,
-                y_test=y_test, per_task=len(tasks[0]), feed=feed, stats=stats, metrics=metrics, out=out,
-                checkpoint=os.path.join(out, 'checkpoint.pt'), rank=rank, world=world, device=device,
+                y_test=y_test, per_task=len(tasks[0]), feed=feed, stats=stats, metrics=metrics,
+                out=os.path.join(args.out, f'seed{seed}'), rank=rank, world=world, device=device,
                 gen=torch.Generator().manual_seed(seed), ca_gen=torch.Generator().manual_seed(seed + 10_000),
                 estimate=device.type == 'cpu' and args.arch == 'vit_b_16')
     if vit.weights_sha256:  # no checksums are published for the released backbones: this identifies the file
@@ -531,7 +530,8 @@ def class_statistics(r, task):
     """SPEC section 6 step 4: per-class mean and population variance of the task's final CLS features."""
     sums = torch.zeros(2, *r.stats['mean'].shape, dtype=torch.float64, device=r.device)  # sum f, sum f^2
     for f, i in task_features(r, task):
-        sums.index_add_(1, r.y_train[i], torch.stack([f.double(), f.double().square()]))
+        f = f.double()
+        sums.index_add_(1, r.y_train[i], torch.stack([f, f * f]))
     all_sum(sums, r.world)
     # images per class, known to every rank
     n = torch.bincount(r.y_train[task.idx.to(r.device)] - task.lo, minlength=r.per_task)[:, None].clamp(min=1)
